@@ -1,0 +1,249 @@
+"""Data sets, splits, batch augmentation and normalisation.
+
+Every source ends up as `Splits`: uint8 image tensors (N, 3, H, W) with int64 labels,
+a train / validation / test split and the taxonomy. Images stay uint8 in memory;
+batches are normalised and augmented as whole-tensor ops on the training device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poe_core.taxonomy import CIFAR100_CLASSES, Taxonomy, cifar100
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, H, W) and int64 class labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.x[index], self.y[index])
+
+    def of_classes(self, classes: list[int]) -> ImageSet:
+        return self.subset(torch.isin(self.y, torch.tensor(classes)).nonzero().flatten())
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    taxonomy: Taxonomy
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+
+def stratified_split(
+    labels: torch.Tensor, per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held_out): `per_class` random images of every class are held out."""
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) <= per_class:
+            raise ValueError(f"class {c} has {len(idx)} images, cannot hold out {per_class}")
+        held.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    held_out = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_out] = False
+    return mask.nonzero().flatten(), held_out
+
+
+def _split(
+    train: ImageSet, test: ImageSet | None, taxonomy: Taxonomy, val_per_class: int, seed: int,
+    mean, std, name: str,
+) -> Splits:
+    kept, held = stratified_split(train.y, val_per_class, seed)
+    return Splits(train.subset(kept), train.subset(held), test, taxonomy, tuple(mean), tuple(std), name)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    f = x.float().div_(255)
+    return tuple(f.mean((0, 2, 3)).tolist()), tuple(f.std((0, 2, 3)).tolist())
+
+
+def load_cifar100_npy(root: str | Path, val_per_class: int = 50, seed: int = 0) -> Splits:
+    """CIFAR-100 from train_x.npy / train_fine.npy / test_x.npy / test_fine.npy (NHWC uint8)."""
+    root = Path(root)
+    missing = [f for f in ("train_x.npy", "train_fine.npy", "test_x.npy", "test_fine.npy")
+               if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a CIFAR-100 .npy directory: missing {', '.join(missing)}")
+
+    def load(prefix: str) -> ImageSet:
+        x = np.load(root / f"{prefix}_x.npy", mmap_mode="r")
+        y = np.load(root / f"{prefix}_fine.npy")
+        return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                        torch.from_numpy(y.astype(np.int64)))
+
+    return _split(load("train"), load("test"), cifar100(), val_per_class, seed,
+                  CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+
+
+def load_cifar100_torchvision(
+    root: str | Path, download: bool = False, val_per_class: int = 50, seed: int = 0
+) -> Splits:
+    """CIFAR-100 through torchvision; downloads only when asked to."""
+    from torchvision.datasets import CIFAR100
+
+    def load(train: bool) -> ImageSet:
+        ds = CIFAR100(str(root), train=train, download=download)
+        return ImageSet(torch.from_numpy(ds.data.transpose(0, 3, 1, 2).copy()),
+                        torch.tensor(ds.targets, dtype=torch.int64))
+
+    if list(CIFAR100(str(root), train=False, download=download).classes) != list(CIFAR100_CLASSES):
+        raise ValueError("torchvision's CIFAR-100 class order differs from poe's")
+    return _split(load(True), load(False), cifar100(), val_per_class, seed,
+                  CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+
+
+def load_image_folder(
+    root: str | Path, hierarchy: str | Path, size: int = 32, val_per_class: int = 5, seed: int = 0
+) -> Splits:
+    """An ImageFolder tree (root/train/<class>/*, optional root/test/<class>/*) and a
+    hierarchy JSON (task name -> class names). Images are resized to size x size."""
+    from PIL import Image
+
+    taxonomy = Taxonomy.from_json(hierarchy)
+    root = Path(root)
+
+    def load(split: str) -> ImageSet | None:
+        if not (root / split).is_dir():
+            return None
+        xs, ys = [], []
+        for label, name in enumerate(taxonomy.classes):
+            folder = root / split / name
+            if not folder.is_dir():
+                raise FileNotFoundError(f"class {name!r} of the hierarchy has no folder {folder}")
+            for f in sorted(folder.iterdir()):
+                img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
+                xs.append(np.asarray(img).transpose(2, 0, 1))
+                ys.append(label)
+        return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
+
+    train = load("train")
+    if train is None:
+        raise FileNotFoundError(f"{root} has no train/ folder")
+    mean, std = channel_stats(train.x)
+    return _split(train, load("test"), taxonomy, val_per_class, seed, mean, std, root.name)
+
+
+def make_synthetic(
+    tasks: int = 3, classes_per_task: int = 2, per_class: int = 24, size: int = 16,
+    test_per_class: int = 8, val_per_class: int = 4, seed: int = 0,
+) -> Splits:
+    """A hierarchical toy data set that generates in well under a second.
+
+    Every class is a fixed random low-frequency pattern; classes of one task share a
+    colour tint, so tasks are groups of related classes like CIFAR's superclasses.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_classes = tasks * classes_per_task
+    tints = torch.rand(tasks, 3, 1, 1, generator=g)
+    coarse = torch.rand(n_classes, 1, 4, 4, generator=g)
+    patterns = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+    templates = 0.5 * patterns + 0.5 * tints.repeat_interleave(classes_per_task, 0)
+
+    def sample(n: int) -> ImageSet:
+        y = torch.arange(n_classes).repeat_interleave(n)
+        x = templates[y] + 0.15 * torch.randn(len(y), 3, size, size, generator=g)
+        return ImageSet((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
+
+    taxonomy = Taxonomy.from_hierarchy({
+        f"task{t}": [f"class{t}_{c}" for c in range(classes_per_task)] for t in range(tasks)
+    })
+    train = sample(per_class + val_per_class)
+    mean, std = channel_stats(train.x)
+    return _split(train, sample(test_per_class), taxonomy, val_per_class, seed, mean, std, "synthetic")
+
+
+def load_splits(source: str, path: str | Path | None = None, *, hierarchy: str | Path | None = None,
+                val_per_class: int = 50, seed: int = 0, download: bool = False) -> Splits:
+    """One entry point for the CLI and the service: source is cifar100-npy,
+    cifar100-torchvision, image-folder or synthetic."""
+    if source == "cifar100-npy":
+        return load_cifar100_npy(_need(path, source), val_per_class, seed)
+    if source == "cifar100-torchvision":
+        return load_cifar100_torchvision(_need(path, source), download, val_per_class, seed)
+    if source == "image-folder":
+        if hierarchy is None:
+            raise ValueError("image-folder needs a hierarchy JSON (task name -> class names)")
+        return load_image_folder(_need(path, source), hierarchy, val_per_class=val_per_class, seed=seed)
+    if source == "synthetic":
+        return make_synthetic(seed=seed)
+    raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+SOURCES = ("cifar100-npy", "cifar100-torchvision", "image-folder", "synthetic")
+
+
+def _need(path, source: str) -> Path:
+    if path is None:
+        raise ValueError(f"data source {source} needs a path")
+    return Path(path)
+
+
+class Normalize:
+    """uint8 (N, C, H, W) -> float normalised by the data set's mean and std."""
+
+    def __init__(self, mean, std, device: torch.device) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, for a whole batch."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(3), out)
+
+
+def batches(
+    images: ImageSet, batch_size: int, *, seed: int | None = None, augmented: bool = False,
+    normalize: Normalize, device: torch.device, channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (x, y) batches. With a seed: shuffled and the same order for the same
+    seed (that is what makes a resumed epoch, or one expert trained alone, see exactly
+    the batches it would have seen); without: in order, no augmentation."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    order = torch.randperm(len(images), generator=g) if g is not None else torch.arange(len(images))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        x = images.x[idx].to(device, non_blocking=True)
+        if augmented:
+            x = augment(x, g)
+        x = normalize(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, images.y[idx].to(device, non_blocking=True)

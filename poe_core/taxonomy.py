@@ -1,0 +1,156 @@
+"""Classes and primitive tasks, and the validation of composite tasks.
+
+A primitive task H_i is a named group of classes; a composite task Q is a list of
+primitive tasks. CIFAR-100's 20 superclasses are the built-in primitive tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CIFAR100_CLASSES = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed',
+    'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
+    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle',
+    'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock', 'cloud',
+    'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur',
+    'dolphin', 'elephant', 'flatfish', 'forest', 'fox', 'girl',
+    'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower',
+    'leopard', 'lion', 'lizard', 'lobster', 'man', 'maple_tree',
+    'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange',
+    'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree',
+    'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit',
+    'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea',
+    'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail',
+    'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper',
+    'table', 'tank', 'telephone', 'television', 'tiger', 'tractor',
+    'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale',
+    'willow_tree', 'wolf', 'woman', 'worm',
+)
+
+CIFAR100_SUPERCLASSES = (
+    'aquatic_mammals', 'fish', 'flowers',
+    'food_containers', 'fruit_and_vegetables', 'household_electrical_devices',
+    'household_furniture', 'insects', 'large_carnivores',
+    'large_man-made_outdoor_things', 'large_natural_outdoor_scenes', 'large_omnivores_and_herbivores',
+    'medium_mammals', 'non-insect_invertebrates', 'people',
+    'reptiles', 'small_mammals', 'trees',
+    'vehicles_1', 'vehicles_2',
+)
+
+# CIFAR100_SUPERCLASSES index of every class in CIFAR100_CLASSES (the coarse labels).
+CIFAR100_FINE_TO_COARSE = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+)
+
+
+class TaskError(ValueError):
+    """A composite task that cannot be served; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Ordered class names and the primitive tasks over them.
+
+    `tasks` maps a task name to the indices (into `classes`) of its classes, in the
+    order the task's expert emits its logits.
+    """
+
+    classes: tuple[str, ...]
+    tasks: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("a taxonomy needs at least one primitive task")
+        seen: dict[int, str] = {}
+        for name, members in self.tasks.items():
+            if not members:
+                raise ValueError(f"primitive task {name!r} has no classes")
+            for c in members:
+                if not 0 <= c < len(self.classes):
+                    raise ValueError(f"primitive task {name!r} names class index {c}")
+                if c in seen:
+                    raise ValueError(
+                        f"class {self.classes[c]!r} is in both {seen[c]!r} and {name!r}"
+                    )
+                seen[c] = name
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def class_names(self, task: str) -> list[str]:
+        return [self.classes[c] for c in self.tasks[task]]
+
+    def validate(self, names: Iterable[str]) -> list[str]:
+        """Check a composite task and return it as a list; raise TaskError if it is bad."""
+        if isinstance(names, str):
+            raise TaskError("tasks must be a list of primitive task names, not one string")
+        names = list(names)
+        if not names:
+            raise TaskError("the task list is empty: name at least one primitive task")
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise TaskError(
+                f"unknown primitive task(s): {', '.join(map(repr, unknown))}; "
+                f"valid tasks: {', '.join(self.tasks)}"
+            )
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise TaskError(f"primitive task(s) listed more than once: {', '.join(duplicates)}")
+        return names
+
+    def composite_classes(self, names: Iterable[str]) -> list[int]:
+        """Class indices of a composite task, in the order of its concatenated logits."""
+        return [c for n in names for c in self.tasks[n]]
+
+    def to_dict(self) -> dict:
+        return {"classes": list(self.classes), "tasks": {n: list(m) for n, m in self.tasks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Taxonomy:
+        return cls(tuple(d["classes"]), {n: tuple(m) for n, m in d["tasks"].items()})
+
+    @classmethod
+    def from_hierarchy(cls, hierarchy: Mapping[str, Iterable[str]]) -> Taxonomy:
+        """Build from task name -> class names; classes are numbered in that order."""
+        classes: list[str] = []
+        tasks: dict[str, tuple[int, ...]] = {}
+        for task, members in hierarchy.items():
+            members = list(members)
+            tasks[task] = tuple(range(len(classes), len(classes) + len(members)))
+            classes.extend(members)
+        return cls(tuple(classes), tasks)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Taxonomy:
+        try:
+            hierarchy = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read hierarchy JSON {path}: {e}") from e
+        if not isinstance(hierarchy, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in hierarchy.values()
+        ):
+            raise ValueError(f"{path}: expected an object mapping task name -> list of class names")
+        return cls.from_hierarchy(hierarchy)
+
+    def subset(self, names: Iterable[str]) -> Taxonomy:
+        """The same classes with only the named primitive tasks."""
+        names = self.validate(names)
+        return Taxonomy(self.classes, {n: self.tasks[n] for n in names})
+
+
+def cifar100() -> Taxonomy:
+    """The 100 CIFAR-100 classes with the 20 superclasses as primitive tasks."""
+    tasks = {
+        name: tuple(c for c, s in enumerate(CIFAR100_FINE_TO_COARSE) if s == i)
+        for i, name in enumerate(CIFAR100_SUPERCLASSES)
+    }
+    return Taxonomy(CIFAR100_CLASSES, tasks)

@@ -1,0 +1,336 @@
+"""Training loops: the oracle, the library (KD) and the experts (conditional KD).
+
+All three share one resumable loop (`_fit`): SGD with momentum, a per-step learning
+rate schedule, a checkpoint after every epoch (written atomically) and model selection
+on the validation split. Each epoch's batch order and augmentation come from a
+generator seeded by (seed, epoch), so a resumed run sees the batches an uninterrupted
+run would have seen.
+
+Experts train jointly: per batch the oracle and the frozen library run once, and every
+expert head takes its own CKD loss on the same features. The loss is the sum of the
+experts' losses and their parameters are disjoint, so each head receives exactly the
+gradient it would receive if trained alone; the joint pass is the paper's method, only
+without re-running the oracle and the library once per expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poe_core.data import Normalize, Splits, batches
+from poe_core.evaluate import accuracy, autocast, predict, task_specific_accuracy
+from poe_core.losses import ckd_loss, kd_loss
+from poe_core.nets import ExpertHead, Library, WideResNet, WRNSpec, expert_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | step | constant
+    label_smoothing: float = 0.0
+    temperature: float = 4.0
+    alpha: float = 0.3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CPU, fp16 AMP on CUDA) | fp32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """One report of a running phase; `val_acc` is set at the end of an epoch."""
+
+    phase: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    val_acc: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return ((self.epoch - 1) * self.steps + self.step) / max(1, self.epochs * self.steps)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class PhaseResult:
+    """Best-on-validation accuracy per trained module, the epoch it was reached at, the
+    per-epoch history and the wall time of the phase (summed across resumes)."""
+
+    best_val_acc: dict[str, float]
+    best_epoch: dict[str, int]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    epochs: int = 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    return "fp32" if cfg.precision == "fp32" else "mixed"
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, div_factor=10,
+            final_div_factor=100, cycle_momentum=False,
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            opt, [int(total * 0.5), int(total * 0.75)], gamma=0.1
+        )
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use onecycle, cosine, step or constant")
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fit(
+    phase: str,
+    trainables: Mapping[str, nn.Module],
+    step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    validate: Callable[[], Mapping[str, float]],
+    splits: Splits,
+    cfg: TrainConfig,
+    checkpoint: Path | None,
+    progress: ProgressFn | None,
+) -> PhaseResult:
+    """Train `trainables` for cfg.epochs and load each one's best-on-validation weights."""
+    device = pick_device(cfg.device)
+    mixed = _precision(cfg) == "mixed"
+    channels_last = mixed
+    params = [p for m in trainables.values() for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=True)
+    steps = math.ceil(len(splits.train) / cfg.batch_size)
+    sched = _scheduler(opt, cfg, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed and device.type == "cuda")
+    normalize = Normalize(splits.mean, splits.std, device)
+
+    result = PhaseResult({n: -1.0 for n in trainables}, {n: 0 for n in trainables})
+    best_states = {n: _clone_state(m) for n, m in trainables.items()}
+    start_epoch = 1
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        for n, m in trainables.items():
+            m.load_state_dict(state["modules"][n])
+            best_states[n] = state["best_states"][n]
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        result = PhaseResult(state["best_val_acc"], state["best_epoch"], state["history"],
+                             state["seconds"], state["epoch"])
+        start_epoch = state["epoch"] + 1
+        log.info("%s: resuming after epoch %d from %s", phase, state["epoch"], checkpoint)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        for m in trainables.values():
+            m.train()
+        total, count = 0.0, 0
+        data = batches(splits.train, cfg.batch_size, seed=cfg.seed * 100_003 + epoch,
+                       augmented=True, normalize=normalize, device=device,
+                       channels_last=channels_last)
+        for step, (x, y) in enumerate(data, 1):
+            with autocast(device, _precision(cfg)):
+                loss = step_loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{phase}: loss became {loss.item()} at epoch {epoch}")
+            total += loss.item() * len(y)
+            count += len(y)
+            if progress is not None and (step % 10 == 0 or step == steps):
+                progress(Progress(phase, epoch, cfg.epochs, step, steps, total / count))
+        val = validate()
+        for n, acc in val.items():
+            if acc > result.best_val_acc[n]:
+                result.best_val_acc[n], result.best_epoch[n] = acc, epoch
+                best_states[n] = _clone_state(trainables[n])
+        seconds = time.perf_counter() - t0
+        result.seconds += seconds
+        result.epochs = epoch
+        mean_val = sum(val.values()) / len(val)
+        result.history.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": mean_val,
+                               "seconds": round(seconds, 1)})
+        if progress is not None:
+            progress(Progress(phase, epoch, cfg.epochs, steps, steps, total / max(count, 1), mean_val))
+        if checkpoint is not None:
+            _save_atomic({
+                "epoch": epoch,
+                "modules": {n: m.state_dict() for n, m in trainables.items()},
+                "best_states": best_states,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "best_val_acc": result.best_val_acc,
+                "best_epoch": result.best_epoch,
+                "history": result.history,
+                "seconds": result.seconds,
+            }, checkpoint)
+
+    for n, m in trainables.items():
+        m.load_state_dict(best_states[n])
+        m.eval()
+    return result
+
+
+def _prepare(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    device = pick_device(cfg.device)
+    model.to(device)
+    if _precision(cfg) == "mixed":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_oracle(
+    splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
+    checkpoint: Path | None = None, progress: ProgressFn | None = None,
+) -> tuple[WideResNet, PhaseResult]:
+    """The oracle from scratch with cross-entropy (optionally label-smoothed)."""
+    torch.manual_seed(cfg.seed)
+    model = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
+
+    def step_loss(x, y):
+        return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+
+    result = _fit("oracle", {"oracle": model}, step_loss, _top1(model, "oracle", splits, cfg),
+                  splits, cfg, checkpoint, progress)
+    return model, result
+
+
+def train_library(
+    oracle: nn.Module, splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
+    checkpoint: Path | None = None, progress: ProgressFn | None = None,
+) -> tuple[WideResNet, PhaseResult]:
+    """A small WRN student by standard KD from the oracle (eq. 1); its conv1..conv3 are
+    the library. Selection by the student's validation top-1."""
+    torch.manual_seed(cfg.seed)
+    student = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
+    oracle = _freeze(_prepare(oracle, cfg))
+
+    def step_loss(x, y):
+        with torch.no_grad():
+            teacher = oracle(x)
+        return kd_loss(student(x), teacher, cfg.temperature)
+
+    result = _fit("library", {"library": student}, step_loss, _top1(student, "library", splits, cfg),
+                  splits, cfg, checkpoint, progress)
+    return student, result
+
+
+def train_experts(
+    library: Library, oracle: nn.Module, splits: Splits, tasks: Sequence[str], spec: WRNSpec,
+    cfg: TrainConfig, *, checkpoint: Path | None = None, progress: ProgressFn | None = None,
+    loss: str = "ckd",
+) -> tuple[dict[str, ExpertHead], PhaseResult]:
+    """Expert heads for `tasks` by conditional KD on all training images, the library
+    frozen (weights and BN statistics). `loss` is ckd, soft (L_soft only) or scale
+    (L_scale only), for the paper's ablation. Each expert is selected on its own
+    task-specific validation accuracy."""
+    taxonomy = splits.taxonomy
+    device = pick_device(cfg.device)
+    library = _freeze(_prepare(library, cfg))
+    oracle = _freeze(_prepare(oracle, cfg))
+    experts = {
+        t: _prepare(expert_head(spec, library.out_channels, len(taxonomy.tasks[t]),
+                                seed=cfg.seed * 1000 + taxonomy.task_names.index(t)), cfg)
+        for t in tasks
+    }
+    columns = {t: torch.tensor(taxonomy.tasks[t], device=device) for t in tasks}
+    alpha = {"ckd": cfg.alpha, "soft": 0.0}.get(loss)
+
+    def step_loss(x, y):
+        with torch.no_grad():
+            features = library(x)
+            teacher = oracle(x)
+        total = 0
+        for t, head in experts.items():
+            target = teacher[:, columns[t]]
+            out = head(features)
+            if loss == "scale":
+                total = total + F.l1_loss(out.float(), target.float())
+            else:
+                total = total + ckd_loss(out, target, cfg.temperature, alpha)
+        return total
+
+    def validate():
+        feats = _features(library, splits, cfg)
+        accs = {}
+        for t, head in experts.items():
+            head.eval()
+            with torch.no_grad(), autocast(device, _precision(cfg)):
+                logits = head(feats.to(device)).float().cpu()
+            accs[t] = task_specific_accuracy(logits, splits.val.y, taxonomy.tasks[t])
+        return accs
+
+    result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress)
+    return experts, result
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _top1(model: nn.Module, name: str, splits: Splits, cfg: TrainConfig):
+    """Validation top-1 of a whole WRN, keyed by its phase name."""
+    device = pick_device(cfg.device)
+
+    def validate() -> dict[str, float]:
+        logits = predict(model, splits.val, splits.mean, splits.std, device,
+                         precision=_precision(cfg), channels_last=_precision(cfg) == "mixed")
+        return {name: accuracy(logits, splits.val.y)}
+
+    return validate
+
+
+def _features(library: Library, splits: Splits, cfg: TrainConfig) -> torch.Tensor:
+    """Library features of the validation images (computed once per validation)."""
+    device = pick_device(cfg.device)
+    return predict(library, splits.val, splits.mean, splits.std, device,
+                   precision=_precision(cfg), channels_last=_precision(cfg) == "mixed")
