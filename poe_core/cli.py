@@ -61,6 +61,9 @@ class ProgressBars:
         if p.val_acc is not None:
             fields["val"] = f"{p.val_acc:.2%}"
         self.bars.update(self.tasks[p.phase], completed=p.fraction, **fields)
+        if p.val_acc is not None and not console.is_terminal:
+            logging.getLogger("poe").info("%s epoch %d/%d: loss %.4f, validation %.2f%%",
+                                          p.phase, p.epoch, p.epochs, p.loss, 100 * p.val_acc)
 
 
 @app.command()
