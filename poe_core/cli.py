@@ -149,3 +149,83 @@ def _validate_tasks(taxonomy, tasks):
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()
+
+
+def _pool(path: Path):
+    from poe_core.pool import PoolError, load_pool
+
+    try:
+        return load_pool(path)
+    except PoolError as e:
+        fail(str(e))
+
+
+MANY_TASKS = {"allow_extra_args": True, "ignore_unknown_options": False}
+
+
+@app.command(context_settings=MANY_TASKS)
+def query(
+    ctx: typer.Context,
+    pool: Annotated[Path, typer.Option(help="Pool bundle directory.")],
+    tasks: Annotated[list[str], typer.Option("--tasks", "-t", help="Primitive tasks of the composite task.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
+    softmax: Annotated[bool, typer.Option(help="Output probabilities instead of logits.")] = False,
+    weights: Annotated[str, typer.Option(help="Weight format: fp32 or fp16.")] = "fp32",
+) -> None:
+    """Assemble the composite model for a task list into an ONNX file (no training)."""
+    import time
+
+    from poe_core.assemble import Assembler
+
+    loaded = _pool(pool)
+    names = _validate_tasks(loaded.taxonomy, _split_words(tasks + ctx.args))
+    if weights not in ("fp32", "fp16"):
+        fail(f"unknown weight format {weights!r}; use fp32 or fp16")
+    assembler = Assembler(loaded)
+    t0 = time.perf_counter()
+    model = assembler.assemble(names, softmax=softmax, weights=weights)
+    ms = (time.perf_counter() - t0) * 1000
+    output.write_bytes(model.data)
+    console.print(f"{output}: {len(model.labels)} classes from {len(names)} experts, "
+                  f"{loaded.composite_params(names):,} parameters, {len(model.data):,} bytes, "
+                  f"validation accuracy {loaded.composite_accuracy(names):.2%}, assembled in {ms:.2f} ms")
+
+
+@app.command("eval", context_settings=MANY_TASKS)
+def evaluate(
+    ctx: typer.Context,
+    pool: Annotated[Path, typer.Option(help="Pool bundle directory.")],
+    tasks: Annotated[list[str], typer.Option("--tasks", "-t", help="Primitive tasks of the composite task.")],
+    split: Annotated[str, typer.Option(help="val (from the cached logits) or test (runs the model).")] = "val",
+    data: Annotated[str, typer.Option(help=f"Data source for --split test: {', '.join(SOURCES)}.")] = "cifar100-npy",
+    data_path: Annotated[Path | None, typer.Option(help="Data directory for --split test.")] = None,
+) -> None:
+    """Accuracy of a composite task from a pool, on the validation or the test split."""
+    loaded = _pool(pool)
+    names = _validate_tasks(loaded.taxonomy, _split_words(tasks + ctx.args))
+    if split == "val":
+        acc = loaded.composite_accuracy(names)
+        cross = loaded.cross_expert_error_share(names)
+    elif split == "test":
+        import torch
+
+        from poe_core.evaluate import cross_expert_error_share, predict, task_specific_accuracy
+
+        splits = _load(data, data_path, None, 50, 0, False)
+        if splits.test is None:
+            fail(f"data source {data} has no test split")
+        test = splits.test.of_classes(loaded.taxonomy.composite_classes(names))
+        logits = predict(loaded.branched_model(names), test, loaded.mean, loaded.std, torch.device("cpu"))
+        acc = task_specific_accuracy(logits, test.y, loaded.taxonomy.composite_classes(names))
+        per_expert = dict(zip(names, logits.split([len(loaded.taxonomy.tasks[t]) for t in names], 1),
+                              strict=True))
+        cross = cross_expert_error_share(per_expert, test.y, loaded.taxonomy, names)
+    else:
+        fail(f"unknown split {split!r}; use val or test")
+    print(f"{'+'.join(names)}: {split} accuracy {acc:.2%}, cross-expert errors {cross:.0%} of errors, "
+          f"{loaded.composite_params(names):,} parameters, {loaded.composite_flops(names):,} FLOPs")
+
+
+def _split_words(values: list[str]) -> list[str]:
+    """Accept `-t a b`, `-t a -t b` and `-t a,b`."""
+    return [w for v in values for w in v.replace(",", " ").split()]

@@ -18,11 +18,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poe_core.data import Splits
+from poe_core.evaluate import accuracy, predict
 from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
 from poe_core.train import (
-    PhaseResult, ProgressFn, TrainConfig, pick_device, train_experts, train_library, train_oracle,
+    PhaseResult,
+    ProgressFn,
+    TrainConfig,
+    pick_device,
+    train_experts,
+    train_library,
+    train_oracle,
 )
-from poe_core.evaluate import accuracy, predict
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny synthetic extraction and pool per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from poe_core.data import Splits, make_synthetic
+from poe_core.extract import ExtractionPlan, run_phase
+from poe_core.nets import WRNSpec
+from poe_core.pool import Pool, build_pool_from_work
+from poe_core.train import TrainConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_plan(epochs: int = 2, **overrides) -> ExtractionPlan:
+    cfg = dict(epochs=epochs, batch_size=16, precision="fp32", lr=0.05) | overrides
+    return ExtractionPlan(
+        oracle_spec=WRNSpec(10, 1, 1), library_spec=WRNSpec(10, 0.5, 0.5),
+        expert_spec=WRNSpec(10, 0.5, 0.25),
+        oracle_cfg=TrainConfig(**cfg), library_cfg=TrainConfig(**cfg), expert_cfg=TrainConfig(**cfg),
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic() -> Splits:
+    return make_synthetic()
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory, synthetic) -> Path:
+    work = tmp_path_factory.mktemp("work")
+    plan = tiny_plan(epochs=3)
+    for phase in ("oracle", "library", "experts"):
+        run_phase(phase, work, synthetic, plan)
+    return work
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory, work_dir, synthetic) -> Pool:
+    return build_pool_from_work(work_dir, tmp_path_factory.mktemp("pools") / "synthetic", synthetic)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from conftest import tiny_plan
+
+from poe_core.data import Normalize, augment, batches, stratified_split
+from poe_core.extract import load_wrn
+from poe_core.train import TrainConfig, train_experts, train_oracle
+
+
+def _states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stratified_split_holds_out_per_class():
+    labels = torch.arange(4).repeat_interleave(10)
+    kept, held = stratified_split(labels, 3, seed=0)
+    assert len(held) == 12 and len(kept) == 28
+    assert torch.bincount(labels[held]).tolist() == [3, 3, 3, 3]
+    assert not set(kept.tolist()) & set(held.tolist())
+
+
+def test_augmentation_is_crop_and_flip_of_the_batch():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    out = augment(x, torch.Generator().manual_seed(1), pad=0)
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    shifted = augment(x, torch.Generator().manual_seed(3), pad=4)
+    assert shifted.shape == x.shape
+
+
+def test_batch_order_is_fixed_by_the_seed(synthetic):
+    norm = Normalize(synthetic.mean, synthetic.std, torch.device("cpu"))
+
+    def first(seed):
+        return next(batches(synthetic.train, 8, seed=seed, augmented=True, normalize=norm,
+                            device=torch.device("cpu")))
+
+    assert torch.equal(first(5)[0], first(5)[0])
+    assert not torch.equal(first(5)[0], first(6)[0])
+
+
+def test_frozen_library_does_not_change_during_expert_training(work_dir, synthetic):
+    oracle = load_wrn(work_dir, "oracle", 6)
+    library = load_wrn(work_dir, "library", 6).library
+    before = {k: v.clone() for k, v in library.state_dict().items()}
+    plan = tiny_plan(epochs=2)
+    experts, _ = train_experts(library, oracle, synthetic, ["task0", "task1"], plan.expert_spec,
+                               plan.expert_cfg)
+    assert _states_equal(before, library.state_dict())  # weights and BN running statistics
+    assert any(not torch.equal(v, experts["task0"].state_dict()[k])
+               for k, v in _fresh_head_state(plan, library).items())
+
+
+def _fresh_head_state(plan, library):
+    from poe_core.nets import expert_head
+
+    return expert_head(plan.expert_spec, library.out_channels, 2, seed=0).state_dict()
+
+
+def test_joint_training_equals_training_each_expert_alone(work_dir, synthetic):
+    oracle = load_wrn(work_dir, "oracle", 6)
+    library = load_wrn(work_dir, "library", 6).library
+    plan = tiny_plan(epochs=2)
+    joint, joint_result = train_experts(library, oracle, synthetic, ["task0", "task1", "task2"],
+                                        plan.expert_spec, plan.expert_cfg)
+    for task in ("task1", "task2"):
+        alone, alone_result = train_experts(library, oracle, synthetic, [task],
+                                            plan.expert_spec, plan.expert_cfg)
+        for key, value in alone[task].state_dict().items():
+            torch.testing.assert_close(joint[task].state_dict()[key], value, atol=1e-5, rtol=1e-4)
+        assert joint_result.best_val_acc[task] == alone_result.best_val_acc[task]
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, synthetic):
+    plan = tiny_plan()
+    cfg3 = TrainConfig(**(plan.oracle_cfg.to_dict() | {"epochs": 3}))
+    full, _ = train_oracle(synthetic, plan.oracle_spec, cfg3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_three(p):
+        if p.epoch == 3:
+            raise Stop
+
+    ckpt = tmp_path / "oracle.ckpt"
+    with pytest.raises(Stop):
+        train_oracle(synthetic, plan.oracle_spec, cfg3, checkpoint=ckpt, progress=stop_in_epoch_three)
+    assert ckpt.exists()
+    resumed, result = train_oracle(synthetic, plan.oracle_spec, cfg3, checkpoint=ckpt)
+    assert result.epochs == 3 and len(result.history) == 3
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_progress_reports_rise_to_completion(synthetic):
+    plan = tiny_plan(epochs=2)
+    seen = []
+    train_oracle(synthetic, plan.oracle_spec, plan.oracle_cfg, progress=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [p.epoch for p in seen if p.val_acc is not None] == [1, 2]
