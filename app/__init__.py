@@ -1,0 +1,1 @@
+"""The Pool of Experts web service: FastAPI over a SQL-indexed artifact store."""

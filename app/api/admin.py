@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+
+from app.deps import ServicesDep, SessionDep, SettingsDep, require_admin
+from app.errors import NotFound
+from app.jobs import queue
+from app.jobs.extraction import prepare
+from app.schemas import Error, ExtractionRequest, JobOut, PoolOut
+from app.store.pools import activate_pool, active_version
+from app.store.tables import Job, PoolVersion
+from poe_core.extract import phase_done
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses={401: {"model": Error, "description": "Missing or wrong admin token"}})
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, kind=job.kind, status=job.status, progress=job.progress, phase=job.phase,
+        attempts=job.attempts, worker=job.worker, error=job.error, cancel_requested=job.cancel_requested,
+        pool_version=job.pool_version, request=job.request, log=job.log.splitlines() if job.log else [],
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+    )
+
+
+def _job(session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+@router.post("/extractions", status_code=202, response_model=JobOut,
+             summary="Queue an extraction: train oracle, library and experts into a new pool version",
+             responses={409: {"model": Error, "description": "Nothing to reuse"},
+                        422: {"description": "Bad request, data path outside POE_DATA_ROOTS"}})
+def create_extraction(body: ExtractionRequest, session: SessionDep, settings: SettingsDep) -> JobOut:
+    job = queue.enqueue(session, prepare(session, body, settings.allowed_data_roots))
+    return job_out(job)
+
+
+@router.get("/jobs", response_model=list[JobOut], summary="Jobs, newest first")
+def list_jobs(session: SessionDep, status: Annotated[str | None, Query()] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[JobOut]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return [job_out(j) for j in session.scalars(query)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's status, progress and log",
+            responses={404: {"model": Error}})
+def get_job(job_id: int, session: SessionDep) -> JobOut:
+    return job_out(_job(session, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job",
+             responses={404: {"model": Error}, 409: {"model": Error, "description": "Already finished"}})
+def cancel_job(job_id: int, session: SessionDep) -> JobOut:
+    return job_out(queue.request_cancel(session, _job(session, job_id)))
+
+
+def pool_out(pool: PoolVersion, active: int | None) -> PoolOut:
+    work = pool.work_dir
+    reusable = [p for p in ("oracle", "library") if work and phase_done(Path(work), p)]
+    return PoolOut(version=pool.version, pool_id=pool.pool_id, active=pool.version == active,
+                   source=pool.source, job_id=pool.job_id, created_at=pool.created_at,
+                   tasks=list(pool.manifest["experts"]), dataset=pool.manifest.get("dataset", {}),
+                   reusable=reusable)
+
+
+@router.get("/pools", response_model=list[PoolOut], summary="Pool versions, newest first")
+def list_pools(session: SessionDep) -> list[PoolOut]:
+    active = active_version(session)
+    return [pool_out(p, active) for p in session.scalars(select(PoolVersion).order_by(PoolVersion.version.desc()))]
+
+
+@router.post("/pools/{version}/activate", response_model=PoolOut, summary="Serve this pool version",
+             responses={404: {"model": Error}, 503: {"model": Error, "description": "Pool cannot be loaded"}})
+def activate(version: int, services: ServicesDep) -> PoolOut:
+    services.pools.get(version)  # loads and verifies it before any request is sent to it
+    activate_pool(services.db, version)
+    services.pools.forget_active()
+    with services.db.session() as session:
+        return pool_out(session.get(PoolVersion, version), version)

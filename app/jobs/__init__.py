@@ -1,0 +1,1 @@
+"""Extraction jobs: the queue in the jobs table and the worker that runs them."""

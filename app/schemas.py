@@ -1,0 +1,175 @@
+"""Request and response bodies at the edge of the API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+
+from poe_core.data import SOURCES
+
+
+def _utc(value: datetime) -> str:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_utc, return_type=str)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelOptions(Strict):
+    softmax: bool = Field(False, description="Append a Softmax: the model outputs probabilities.")
+    fp16: bool = Field(False, description="Store the weights as float16 (half the bytes; the model "
+                                          "casts them back and computes in float32).")
+
+
+class ModelRequest(Strict):
+    tasks: list[str] = Field(description="Primitive task names; the composite task is their union. "
+                                         "Order does not matter: outputs follow the sorted task order.",
+                             examples=[["people", "vehicles_1"]])
+    options: ModelOptions = Field(default_factory=ModelOptions)
+
+
+class InputSpec(BaseModel):
+    name: str = "input"
+    shape: list[int | str] = Field(description="NCHW, batch dimension dynamic.")
+    mean: list[float]
+    std: list[float]
+    scale: str = "pixel / 255, then (x - mean) / std, RGB"
+
+
+class ModelOut(BaseModel):
+    id: str
+    pool_version: int
+    pool_id: str
+    tasks: list[str] = Field(description="In the order of the model's outputs.")
+    labels: list[str] = Field(description="Class label of every output column, in order.")
+    output: Literal["logits", "probabilities"]
+    weights: Literal["fp32", "fp16"]
+    params: int
+    flops: int = Field(description="Multiply-accumulates of one image.")
+    bytes: int
+    sha256: str
+    val_acc: float = Field(description="Top-1 of this composite model on the validation images of "
+                                       "its classes, from the pool's cached logits.")
+    input: InputSpec
+    created_at: Timestamp
+    download_url: str
+
+
+class TaskOut(BaseModel):
+    name: str
+    classes: list[str]
+    params: int = Field(description="Parameters of the task's expert head.")
+    flops: int
+    onnx_bytes: int = Field(description="Bytes the expert adds to an assembled model.")
+    val_acc: float = Field(description="The expert's task-specific validation accuracy.")
+
+
+class TaskList(BaseModel):
+    pool_version: int
+    pool_id: str
+    library: dict = Field(description="The shared library: params, flops, onnx_bytes.")
+    tasks: list[TaskOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    database: bool
+    pool_version: int | None = None
+    reasons: list[str] = []
+
+
+# --- admin ------------------------------------------------------------------
+
+
+class Architecture(Strict):
+    depth: int = Field(ge=10, le=100, description="6n+4.")
+    kc: float = Field(gt=0, le=16)
+    ks: float = Field(gt=0, le=16)
+
+    @field_validator("depth")
+    @classmethod
+    def _wrn_depth(cls, depth: int) -> int:
+        if (depth - 4) % 6:
+            raise ValueError("WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...)")
+        return depth
+
+
+class PhaseOptions(Strict):
+    arch: Architecture
+    epochs: int = Field(ge=1, le=1000)
+    lr: float = Field(gt=0, le=10)
+
+
+class DataSource(Strict):
+    source: Literal[SOURCES]
+    path: str | None = Field(None, description="Data directory under one of POE_DATA_ROOTS.")
+    hierarchy: str | None = Field(None, description="image-folder only: task -> classes JSON, under "
+                                                    "one of POE_DATA_ROOTS.")
+    val_per_class: int = Field(50, ge=1, le=10000)
+    seed: int = 0
+
+
+class ExtractionRequest(Strict):
+    data: DataSource
+    oracle: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=4, ks=4), epochs=15, lr=0.1)
+    library: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=1), epochs=15, lr=0.1)
+    experts: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=0.25), epochs=10, lr=0.05)
+    tasks: list[str] | None = Field(None, description="Primitive tasks to train experts for; "
+                                                      "default all of the data set's.")
+    reuse: Literal["none", "oracle", "library"] = Field(
+        "none", description="none: train everything; oracle: reuse the active pool's oracle; "
+                            "library: reuse its oracle and library, train experts only.")
+    batch_size: int = Field(128, ge=1, le=4096)
+    precision: Literal["auto", "fp32"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.3, ge=0)
+    seed: int = 0
+    activate: bool = Field(True, description="Activate the new pool version when the job succeeds.")
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(description="Percent done, 0..100.")
+    phase: str | None
+    attempts: int
+    worker: str | None
+    error: str | None
+    cancel_requested: bool
+    pool_version: int | None = Field(description="The pool version the job produced.")
+    request: dict
+    log: list[str] = Field(description="Recent log lines, oldest first.")
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    heartbeat_at: Timestamp | None
+
+
+class PoolOut(BaseModel):
+    version: int
+    pool_id: str
+    active: bool
+    source: str
+    job_id: int | None
+    created_at: Timestamp
+    tasks: list[str]
+    dataset: dict
+    reusable: list[str] = Field(description="Phases a new extraction can reuse from this pool.")
+
+
+class Error(BaseModel):
+    detail: str

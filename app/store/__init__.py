@@ -1,0 +1,1 @@
+"""The SQL index, its sessions and the content-addressed blobs it points to."""

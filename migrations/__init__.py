@@ -1,0 +1,1 @@
+"""Alembic environment and versions of the service's SQL schema (see app.store.db)."""
