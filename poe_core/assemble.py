@@ -10,7 +10,9 @@ graph of a composite model is the byte concatenation
 
 where the tail carries the graph's input and output, the Concat (and Softmax) and the
 graph name; the model wraps that graph with a pre-serialized header and the metadata.
-Assembly is therefore a few memory copies, never a torch.onnx.export.
+Assembly is therefore a few memory copies, never a torch.onnx.export. Every weight
+format the pool offers (fp32, fp16, int8: see poe_core.formats) has its own fragments,
+all prepared when the Assembler is built.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from poe_core.formats import FORMATS, FormatUnavailable, fp16_weights
 from poe_core.pool import LIBRARY_OUTPUT, Pool
+
+__all__ = ["AssembledModel", "Assembler", "FormatUnavailable", "prefix_graph"]
 
 GRAPH_FIELD = 7  # ModelProto.graph
 INPUT_NAME = "input"
@@ -35,7 +39,7 @@ class AssembledModel:
     tasks: tuple[str, ...]
     labels: tuple[str, ...]
     output: str  # "logits" or "probabilities"
-    weights: str  # "fp32" or "fp16"
+    weights: str  # "fp32", "fp16" or "int8"
 
 
 def prefix_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
@@ -61,26 +65,6 @@ def prefix_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> o
     return out
 
 
-def fp16_weights(graph: onnx.GraphProto) -> onnx.GraphProto:
-    """Store float initializers as float16 and cast them back to float32 in the graph:
-    half the bytes, the same fp32 arithmetic on every runtime."""
-    out = onnx.GraphProto()
-    out.CopyFrom(graph)
-    casts = []
-    for tensor in out.initializer:
-        if tensor.data_type != TensorProto.FLOAT:
-            continue
-        name = tensor.name
-        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name + "/fp16")
-        tensor.CopyFrom(half)
-        casts.append(helper.make_node("Cast", [name + "/fp16"], [name], name=name + "/cast",
-                                      to=TensorProto.FLOAT))
-    nodes = list(out.node)
-    del out.node[:]
-    out.node.extend(casts + nodes)
-    return out
-
-
 def _fragment(graph: onnx.GraphProto) -> bytes:
     """Nodes and initializers of `graph` as a serialized GraphProto fragment."""
     frag = onnx.GraphProto()
@@ -88,6 +72,19 @@ def _fragment(graph: onnx.GraphProto) -> bytes:
     frag.initializer.extend(graph.initializer)
     frag.value_info.extend(graph.value_info)
     return frag.SerializeToString()
+
+
+def _header(parts: list[onnx.ModelProto]) -> bytes:
+    """A serialized ModelProto without graph: the newest IR version and, per operator
+    domain, the newest opset of the parts."""
+    opsets: dict[str, int] = {}
+    for part in parts:
+        for op in part.opset_import:
+            opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+    header = onnx.ModelProto(ir_version=max(p.ir_version for p in parts), producer_name="poe",
+                             producer_version="1", domain="ai.poe")
+    header.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(opsets.items()))
+    return header.SerializeToString()
 
 
 def _varint(n: int) -> bytes:
@@ -108,32 +105,40 @@ class Assembler:
     def __init__(self, pool: Pool, pool_version: str | None = None) -> None:
         self.pool = pool
         self.pool_version = pool_version
-        library = onnx.load_model(str(pool.path(pool.manifest["library"]["onnx"])))
-        self._opset = list(library.opset_import)
-        self._ir_version = library.ir_version
-        library_graph = prefix_graph(library.graph, "library/",
-                                     {INPUT_NAME: INPUT_NAME, LIBRARY_OUTPUT: "library/" + LIBRARY_OUTPUT})
-        self._graphs = {"library": library_graph}
-        for task in pool.tasks:
-            expert = onnx.load_model(str(pool.path(pool.expert_info(task)["onnx"])))
-            self._graphs[task] = prefix_graph(expert.graph, f"{task}/",
-                                              {LIBRARY_OUTPUT: "library/" + LIBRARY_OUTPUT})
-        self._fragments: dict[str, dict[str, bytes]] = {
-            "fp32": {k: _fragment(g) for k, g in self._graphs.items()}
-        }
-        header = onnx.ModelProto(ir_version=self._ir_version, producer_name="poe",
-                                 producer_version="1", domain="ai.poe")
-        header.opset_import.extend(self._opset)
-        self._header = header.SerializeToString()
+        self._headers: dict[str, bytes] = {}
+        self._fragments: dict[str, dict[str, bytes]] = {}
+        fp32 = self._load_parts(pool.manifest["library"]["onnx"],
+                                {t: pool.expert_info(t)["onnx"] for t in pool.tasks})
+        for weights in FORMATS:
+            if not pool.format_info(weights)["available"]:
+                continue
+            parts = fp32 if weights != "int8" else self._load_parts(
+                pool.format_info("int8")["library_onnx"],
+                {t: pool.expert_info(t)["formats"]["int8"]["onnx"] for t in pool.tasks})
+            graphs = self._prefixed(parts)
+            if weights == "fp16":
+                graphs = {k: fp16_weights(g) for k, g in graphs.items()}
+            self._headers[weights] = _header(list(parts.values()))
+            self._fragments[weights] = {k: _fragment(g) for k, g in graphs.items()}
         channels, height, width = pool.image_shape
         self._input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                                     ["batch", channels, height, width])
 
+    def _load_parts(self, library: str, experts: dict[str, str]) -> dict[str, onnx.ModelProto]:
+        return {"library": onnx.load_model(str(self.pool.path(library)))} | {
+            task: onnx.load_model(str(self.pool.path(rel))) for task, rel in experts.items()}
+
+    @staticmethod
+    def _prefixed(parts: dict[str, onnx.ModelProto]) -> dict[str, onnx.GraphProto]:
+        features = "library/" + LIBRARY_OUTPUT
+        return {name: prefix_graph(part.graph, f"{name}/",
+                                   {INPUT_NAME: INPUT_NAME, LIBRARY_OUTPUT: features} if name == "library"
+                                   else {LIBRARY_OUTPUT: features})
+                for name, part in parts.items()}
+
     def fragments(self, weights: str) -> dict[str, bytes]:
-        if weights not in self._fragments:
-            if weights != "fp16":
-                raise ValueError(f"unknown weight format {weights!r}; use fp32 or fp16")
-            self._fragments[weights] = {k: _fragment(fp16_weights(g)) for k, g in self._graphs.items()}
+        """The serialized, renamed parts in format `weights`, by "library" or task name."""
+        self.pool.require_format(weights)
         return self._fragments[weights]
 
     def assemble(self, tasks: Sequence[str], *, softmax: bool = False, weights: str = "fp32") -> AssembledModel:
@@ -145,7 +150,7 @@ class Assembler:
         graph_bytes = b"".join([fragments["library"], *(fragments[t] for t in tasks),
                                 self._tail(tasks, len(labels), output)])
         model_bytes = b"".join([
-            self._header,
+            self._headers[weights],
             _varint(GRAPH_FIELD << 3 | 2), _varint(len(graph_bytes)), graph_bytes,
             self._metadata(tasks, labels, output, weights),
         ])
