@@ -229,3 +229,7 @@ def evaluate(
 def _split_words(values: list[str]) -> list[str]:
     """Accept `-t a b`, `-t a -t b` and `-t a,b`."""
     return [w for v in values for w in v.replace(",", " ").split()]
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,9 @@ def predict(
     batch_size: int = 500, precision: str = "fp32", channels_last: bool = False,
 ) -> torch.Tensor:
     """Logits of `model` on all images, in order, as float32 on the CPU."""
-    was_training = model.training
+    # Restore each submodule's own mode: a frozen library inside a training model
+    # must stay in eval mode (its BN statistics are part of what is frozen).
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     out = []
     try:
@@ -40,7 +42,8 @@ def predict(
             with autocast(device, precision):
                 out.append(model(x).float().cpu())
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(out) if out else torch.empty(0)
 
 

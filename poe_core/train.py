@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poe_core.data import Normalize, Splits, batches
+from poe_core.data import ImageSet, Normalize, Splits, batches
 from poe_core.evaluate import accuracy, autocast, predict, task_specific_accuracy
-from poe_core.losses import ckd_loss, kd_loss
-from poe_core.nets import ExpertHead, Library, WideResNet, WRNSpec, expert_head
+from poe_core.losses import ckd_loss, kd_loss, scale_loss
+from poe_core.nets import BranchedModel, ExpertHead, Library, WideResNet, WRNSpec, expert_head, init_weights
+from poe_core.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -261,53 +262,131 @@ def train_library(
     return student, result
 
 
+@dataclass(frozen=True)
+class HeadTarget:
+    """What one expert head learns: the oracle's sub-logits over `classes` with loss
+    `ckd` (L_soft + alpha L_scale), `soft` (L_soft only) or `scale` (L_scale only)."""
+
+    classes: tuple[int, ...]
+    loss: str = "ckd"
+    seed: int = 0
+
+
 def train_experts(
     library: Library, oracle: nn.Module, splits: Splits, tasks: Sequence[str], spec: WRNSpec,
     cfg: TrainConfig, *, checkpoint: Path | None = None, progress: ProgressFn | None = None,
-    loss: str = "ckd",
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
-    """Expert heads for `tasks` by conditional KD on all training images, the library
-    frozen (weights and BN statistics). `loss` is ckd, soft (L_soft only) or scale
-    (L_scale only), for the paper's ablation. Each expert is selected on its own
-    task-specific validation accuracy."""
-    taxonomy = splits.taxonomy
+    """One expert per primitive task by conditional KD, all in one pass (see module doc).
+    An expert's initial weights depend only on the seed and its task's position in the
+    taxonomy, so training it alone or with others gives the same expert."""
+    names = splits.taxonomy.task_names
+    heads = {t: HeadTarget(splits.taxonomy.tasks[t], "ckd", cfg.seed * 1000 + names.index(t)) for t in tasks}
+    return train_heads(library, oracle, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress)
+
+
+def train_heads(
+    library: Library, oracle: nn.Module, splits: Splits, heads: Mapping[str, HeadTarget],
+    spec: WRNSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, ExpertHead], PhaseResult]:
+    """Heads on the frozen library (weights and BN statistics), distilled from the
+    oracle on all training images; each is selected on its own task-specific validation
+    accuracy. Heads may target any class set (a composite task too) and any loss of the
+    ablation; they share the oracle and library forward passes."""
     device = pick_device(cfg.device)
     library = _freeze(_prepare(library, cfg))
     oracle = _freeze(_prepare(oracle, cfg))
     experts = {
-        t: _prepare(expert_head(spec, library.out_channels, len(taxonomy.tasks[t]),
-                                seed=cfg.seed * 1000 + taxonomy.task_names.index(t)), cfg)
-        for t in tasks
+        name: _prepare(expert_head(spec, library.out_channels, len(h.classes), seed=h.seed), cfg)
+        for name, h in heads.items()
     }
-    columns = {t: torch.tensor(taxonomy.tasks[t], device=device) for t in tasks}
-    alpha = {"ckd": cfg.alpha, "soft": 0.0}.get(loss)
+    columns = {name: torch.tensor(h.classes, device=device) for name, h in heads.items()}
+    bad = {h.loss for h in heads.values()} - {"ckd", "soft", "scale"}
+    if bad:
+        raise ValueError(f"unknown loss(es) {bad}; use ckd, soft or scale")
 
     def step_loss(x, y):
         with torch.no_grad():
             features = library(x)
             teacher = oracle(x)
         total = 0
-        for t, head in experts.items():
-            target = teacher[:, columns[t]]
-            out = head(features)
-            if loss == "scale":
-                total = total + F.l1_loss(out.float(), target.float())
+        for name, head in experts.items():
+            target, out, kind = teacher[:, columns[name]], head(features), heads[name].loss
+            if kind == "scale":
+                total = total + scale_loss(out, target)
             else:
-                total = total + ckd_loss(out, target, cfg.temperature, alpha)
+                total = total + ckd_loss(out, target, cfg.temperature, cfg.alpha if kind == "ckd" else 0.0)
         return total
 
     def validate():
-        feats = _features(library, splits, cfg)
+        feats = _features(library, splits, cfg).to(device)
         accs = {}
-        for t, head in experts.items():
+        for name, head in experts.items():
             head.eval()
             with torch.no_grad(), autocast(device, _precision(cfg)):
-                logits = head(feats.to(device)).float().cpu()
-            accs[t] = task_specific_accuracy(logits, splits.val.y, taxonomy.tasks[t])
+                logits = head(feats).float().cpu()
+            accs[name] = task_specific_accuracy(logits, splits.val.y, heads[name].classes)
         return accs
 
     result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress)
     return experts, result
+
+
+def task_splits(splits: Splits, classes: Sequence[int]) -> Splits:
+    """Only the images of `classes`, labelled 0..len(classes)-1 in that order (for the
+    Transfer and Scratch baselines, which see nothing but their task's images)."""
+    lookup = torch.full((len(splits.taxonomy.classes),), -1, dtype=torch.int64)
+    lookup[torch.tensor(list(classes))] = torch.arange(len(classes))
+
+    def keep(images):
+        if images is None:
+            return None
+        sub = images.of_classes(list(classes))
+        return ImageSet(sub.x, lookup[sub.y])
+
+    names = [splits.taxonomy.classes[c] for c in classes]
+    return Splits(keep(splits.train), keep(splits.val), keep(splits.test),
+                  Taxonomy.from_hierarchy({"task": names}), splits.mean, splits.std, splits.name)
+
+
+def train_transfer(
+    library: Library, splits: Splits, classes: Sequence[int], spec: WRNSpec, cfg: TrainConfig,
+) -> tuple[ExpertHead, PhaseResult]:
+    """The Transfer baseline: the same head on the frozen library, cross-entropy on the
+    task's own images only."""
+    sub = task_splits(splits, classes)
+    library = _freeze(_prepare(library, cfg))
+    head = _prepare(expert_head(spec, library.out_channels, len(classes), seed=cfg.seed), cfg)
+
+    def step_loss(x, y):
+        with torch.no_grad():
+            features = library(x)
+        return F.cross_entropy(head(features), y, label_smoothing=cfg.label_smoothing)
+
+    model = BranchedModel(library, [head])
+    result = _fit("transfer", {"transfer": head}, step_loss, _top1(model, "transfer", sub, cfg),
+                  sub, cfg, None, None)
+    return head, result
+
+
+def train_scratch(
+    splits: Splits, classes: Sequence[int], library_spec: WRNSpec, expert_spec: WRNSpec, cfg: TrainConfig,
+) -> tuple[BranchedModel, PhaseResult]:
+    """The Scratch baseline: library + head architecture trained from scratch with
+    cross-entropy on the task's own images only."""
+    sub = task_splits(splits, classes)
+    torch.manual_seed(cfg.seed)
+    library = Library(library_spec.depth, library_spec.kc, sub.image_shape[0])
+    model = BranchedModel(library, [expert_head(expert_spec, library.out_channels, len(classes), cfg.seed)])
+    init_weights(model)
+    model = _prepare(model, cfg)
+
+    def step_loss(x, y):
+        return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+
+    result = _fit("scratch", {"scratch": model}, step_loss, _top1(model, "scratch", sub, cfg),
+                  sub, cfg, None, None)
+    return model, result
 
 
 def _freeze(module: nn.Module) -> nn.Module:

@@ -100,3 +100,42 @@ def test_progress_reports_rise_to_completion(synthetic):
     fractions = [p.fraction for p in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert [p.epoch for p in seen if p.val_acc is not None] == [1, 2]
+
+
+def test_task_splits_keep_only_the_task_images_relabelled(synthetic):
+    from poe_core.train import task_splits
+
+    sub = task_splits(synthetic, [5, 2])
+    assert sorted(sub.train.y.unique().tolist()) == [0, 1]
+    assert len(sub.train) == 2 * len(synthetic.train.of_classes([0]))
+    assert sub.taxonomy.classes == ("class2_1", "class1_0")
+
+
+def test_baselines_train_on_their_task(work_dir, synthetic):
+    from poe_core.train import train_scratch, train_transfer
+
+    plan = tiny_plan(epochs=2)
+    library = load_wrn(work_dir, "library", 6).library
+    before = {k: v.clone() for k, v in library.state_dict().items()}
+    head, transfer = train_transfer(library, synthetic, [0, 1], plan.expert_spec, plan.expert_cfg)
+    assert _states_equal(before, library.state_dict())
+    assert head.fc.out_features == 2 and 0 <= transfer.best_val_acc["transfer"] <= 1
+    model, scratch = train_scratch(synthetic, [0, 1], plan.library_spec, plan.expert_spec, plan.expert_cfg)
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
+    assert scratch.epochs == 2
+
+
+def test_heads_can_target_a_composite_task_and_ablation_losses(work_dir, synthetic):
+    from poe_core.train import HeadTarget, train_heads
+
+    plan = tiny_plan(epochs=1)
+    oracle = load_wrn(work_dir, "oracle", 6)
+    library = load_wrn(work_dir, "library", 6).library
+    heads = {"soft": HeadTarget((0, 1), "soft"), "scale": HeadTarget((0, 1), "scale"),
+             "composite": HeadTarget((0, 1, 2, 3), "ckd")}
+    trained, result = train_heads(library, oracle, synthetic, heads, plan.expert_spec, plan.expert_cfg)
+    assert trained["composite"].fc.out_features == 4
+    assert set(result.best_val_acc) == set(heads)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_heads(library, oracle, synthetic, {"x": HeadTarget((0,), "mse")}, plan.expert_spec,
+                    plan.expert_cfg)
