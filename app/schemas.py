@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from poe_core.data import SOURCES
-
-
-def _utc(value: datetime) -> str:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-
-
-Timestamp = Annotated[datetime, PlainSerializer(_utc, return_type=str)]
 
 
 class Strict(BaseModel):
@@ -58,7 +50,7 @@ class ModelOut(BaseModel):
     val_acc: float = Field(description="Top-1 of this composite model on the validation images of "
                                        "its classes, from the pool's cached logits.")
     input: InputSpec
-    created_at: Timestamp
+    created_at: datetime
     download_url: str
 
 
@@ -153,10 +145,10 @@ class JobOut(BaseModel):
     pool_version: int | None = Field(description="The pool version the job produced.")
     request: dict
     log: list[str] = Field(description="Recent log lines, oldest first.")
-    created_at: Timestamp
-    started_at: Timestamp | None
-    finished_at: Timestamp | None
-    heartbeat_at: Timestamp | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
 
 
 class PoolOut(BaseModel):
@@ -165,7 +157,7 @@ class PoolOut(BaseModel):
     active: bool
     source: str
     job_id: int | None
-    created_at: Timestamp
+    created_at: datetime
     tasks: list[str]
     dataset: dict
     reusable: list[str] = Field(description="Phases a new extraction can reuse from this pool.")

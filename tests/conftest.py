@@ -42,3 +42,7 @@ def work_dir(tmp_path_factory, synthetic) -> Path:
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory, work_dir, synthetic) -> Pool:
     return build_pool_from_work(work_dir, tmp_path_factory.mktemp("pools") / "synthetic", synthetic)
+
+
+# The service's fixtures (store, API client, worker processes) live in their own module.
+pytest_plugins = ["service_fixtures"]

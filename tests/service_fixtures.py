@@ -1,0 +1,163 @@
+"""Fixtures of the service tests (a pytest plugin named in conftest.py).
+
+Every store-backed fixture runs once against SQLite and once against the PostgreSQL
+on 127.0.0.1:5432 (POE_TEST_POSTGRES_URL); each PostgreSQL database is a schema of its
+own, dropped at the end, so concurrent runs do not collide. Without a reachable
+PostgreSQL those tests are skipped, unless POE_TEST_REQUIRE_POSTGRES=1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from app.main import create_app
+from app.services import Services
+from app.settings import Settings
+from app.store.pools import import_pool
+from poe_core.extract import load_experts, load_wrn
+from poe_core.nets import WRNSpec
+from poe_core.pool import build_pool
+
+POSTGRES_URL = os.environ.get("POE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class Databases:
+    """Makes empty databases of one backend: SQLite files, or PostgreSQL schemas."""
+
+    def __init__(self, backend: str, tmp: Path) -> None:
+        self.backend = backend
+        self.tmp = tmp
+        self.schemas: list[str] = []
+
+    def new(self) -> str:
+        name = f"poe_test_{uuid.uuid4().hex[:12]}"
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.tmp / name}.db"
+        with create_engine(POSTGRES_URL).begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{name}"'))
+        self.schemas.append(name)
+        return f"{POSTGRES_URL}?options=-csearch_path%3D{name}"
+
+    def drop_all(self) -> None:
+        if self.schemas:
+            engine = create_engine(POSTGRES_URL)
+            with engine.begin() as conn:
+                for name in self.schemas:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+            engine.dispose()
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return None
+    except Exception as e:
+        return f"PostgreSQL at {POSTGRES_URL} unreachable: {type(e).__name__}"
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def databases(request, tmp_path_factory):
+    if request.param == "postgresql":
+        problem = _postgres_reachable()
+        if problem:
+            if os.environ.get("POE_TEST_REQUIRE_POSTGRES") == "1":
+                pytest.fail(problem)
+            pytest.skip(problem)
+    made = Databases(request.param, tmp_path_factory.mktemp(request.param))
+    yield made
+    made.drop_all()
+
+
+def make_settings(databases: Databases, data_dir: Path, **overrides) -> Settings:
+    values = dict(data_dir=data_dir, database_url=databases.new(), admin_token=ADMIN_TOKEN,
+                  default_pool="none", active_pool_ttl=0, data_roots=[data_dir / "datasets"],
+                  heartbeat_seconds=0.3, stale_seconds=2, worker_poll_seconds=0.2)
+    return Settings(**(values | overrides))
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a `poe` subprocess these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if isinstance(value, list):
+            value = os.pathsep.join(str(v) for v in value)
+        env[f"POE_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def second_pool(tmp_path_factory, work_dir, synthetic):
+    """Another bundle from the same extraction: experts of task0 and task1 only."""
+    student = load_wrn(work_dir, "library", len(synthetic.taxonomy.classes), synthetic.image_shape[0])
+    experts = {t: e for t, e in load_experts(work_dir, synthetic).items() if t in ("task0", "task1")}
+    return build_pool(tmp_path_factory.mktemp("pools") / "second", library=student.library, experts=experts,
+                      splits=synthetic, library_spec=WRNSpec(10, 0.5, 0.5), expert_spec=WRNSpec(10, 0.5, 0.25))
+
+
+@pytest.fixture(scope="session")
+def settings(databases, tmp_path_factory) -> Settings:
+    return make_settings(databases, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def versions(settings, pool, second_pool) -> dict[str, int]:
+    """The store of the session: the synthetic pool (active) and a second version."""
+    services = Services.start(settings)
+    first = import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
+    second = import_pool(services.db, services.blobs, second_pool.root, source="test second")
+    services.close()
+    return {"first": first, "second": second}
+
+
+@pytest.fixture(scope="session")
+def client(settings, versions):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def services(client) -> Services:
+    """The API's own services (its model cache, its registry)."""
+    return client.app.state.services
+
+
+def slow_assembly(monkeypatch, served, seconds=0.2):
+    """Make assembly slow enough that every concurrent request arrives while it runs."""
+    assemble = served.assembler.assemble
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(served.assembler, "assemble", slow)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
+    """A real `poe worker` process on these settings, its output in `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=settings_env(settings),
+                                stdout=out, stderr=subprocess.STDOUT)

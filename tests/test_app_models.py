@@ -1,0 +1,117 @@
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from service_fixtures import slow_assembly
+from sqlalchemy import func, select
+
+from app.store.tables import AssembledModel
+
+JSON = {"Accept": "application/json"}
+
+
+def _run(model_bytes: bytes, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images})[0]
+
+
+def _inputs(meta: dict, synthetic, n: int = 8) -> np.ndarray:
+    mean = np.array(meta["input"]["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.array(meta["input"]["std"], np.float32).reshape(1, -1, 1, 1)
+    return ((synthetic.val.x[:n].numpy().astype(np.float32) / 255) - mean) / std
+
+
+def test_downloaded_model_runs_and_its_labels_match(client, pool, synthetic):
+    r = client.post("/models", json={"tasks": ["task2", "task0"]})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert r.headers["content-disposition"] == 'attachment; filename="poe-task0+task2.onnx"'
+    meta = client.post("/models", json={"tasks": ["task2", "task0"]}, headers=JSON).json()
+    assert r.headers["etag"] == f'"{meta["sha256"]}"' and r.headers["x-model-id"] == meta["id"]
+    expected = pool.taxonomy.class_names("task0") + pool.taxonomy.class_names("task2")
+    assert meta["tasks"] == ["task0", "task2"] and meta["labels"] == expected
+    assert meta["bytes"] == len(r.content)
+    assert meta["params"] == pool.composite_params(["task0", "task2"])
+    assert meta["val_acc"] == pytest.approx(pool.composite_accuracy(["task0", "task2"]))
+    props = {p.key: p.value for p in onnx.load_from_string(r.content).metadata_props}
+    assert json.loads(props["poe.labels"]) == expected
+    logits = _run(r.content, _inputs(meta, synthetic))
+    cached = np.concatenate([pool.val_logits["task0"][:8], pool.val_logits["task2"][:8]], axis=1)
+    np.testing.assert_allclose(logits, cached, atol=1e-4)
+
+
+def test_options_softmax_and_fp16(client, synthetic):
+    plain = client.post("/models", json={"tasks": ["task1"]}, headers=JSON).json()
+    soft = client.post("/models", json={"tasks": ["task1"], "options": {"softmax": True}})
+    half = client.post("/models", json={"tasks": ["task1"], "options": {"fp16": True}})
+    assert soft.headers["content-disposition"].endswith('-softmax.onnx"')
+    probabilities = _run(soft.content, _inputs(plain, synthetic))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    assert len(half.content) < plain["bytes"]
+    np.testing.assert_allclose(_run(half.content, _inputs(plain, synthetic)),
+                               _run(client.get(plain["download_url"]).content, _inputs(plain, synthetic)),
+                               atol=0.05)
+
+
+def test_metadata_download_and_etag(client):
+    meta = client.post("/models", json={"tasks": ["task0", "task1"]}, headers=JSON).json()
+    assert client.get(f"/models/{meta['id']}").json() == meta
+    r = client.get(f"/models/{meta['id']}/download")
+    assert r.status_code == 200 and len(r.content) == meta["bytes"]
+    etag = r.headers["etag"]
+    assert etag == f'"{meta["sha256"]}"'
+    cached = client.get(f"/models/{meta['id']}/download", headers={"If-None-Match": etag})
+    assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag
+    assert client.get(f"/models/{meta['id']}/download", headers={"If-None-Match": '"other"'}).status_code == 200
+    assert client.get(f"/models/{meta['id']}/download", headers={"If-None-Match": "*"}).status_code == 304
+
+
+def test_unknown_model_is_404(client):
+    assert client.get("/models/nope").status_code == 404
+    assert client.get("/models/nope/download").status_code == 404
+
+
+def test_fifty_parallel_requests_assemble_once(client, services, monkeypatch):
+    body = {"tasks": ["task1", "task2"], "options": {"softmax": True, "fp16": True}}
+    slow_assembly(monkeypatch, services.pools.active())
+    before = services.models.assemblies
+
+    async def burst():
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            return await asyncio.gather(*(ac.post("/models", json=body) for _ in range(50)))
+
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1
+    assert len({r.headers["etag"] for r in responses}) == 1
+    assert services.models.assemblies - before == 1
+    with services.db.session() as session:
+        rows = session.scalar(select(func.count()).select_from(AssembledModel)
+                              .where(AssembledModel.id == responses[0].headers["x-model-id"]))
+    assert rows == 1
+
+
+def test_tasks(client, pool, versions):
+    listing = client.get("/tasks").json()
+    assert listing["pool_version"] == versions["first"] and listing["pool_id"] == pool.pool_id
+    assert [t["name"] for t in listing["tasks"]] == pool.tasks
+    task = client.get("/tasks/task1").json()
+    assert task == listing["tasks"][1]
+    assert task["classes"] == pool.taxonomy.class_names("task1")
+    assert task["params"] == pool.expert_info("task1")["params"]
+    assert listing["library"]["params"] == pool.manifest["library"]["params"]
+
+
+def test_health_ready_docs_and_page(client, versions):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True, "database": True,
+                                           "pool_version": versions["first"], "reasons": []}
+    assert "/models" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+    assert "Pool of Experts" in client.get("/").text
