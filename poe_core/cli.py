@@ -170,7 +170,8 @@ def query(
     tasks: Annotated[list[str], typer.Option("--tasks", "-t", help="Primitive tasks of the composite task.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
     softmax: Annotated[bool, typer.Option(help="Output probabilities instead of logits.")] = False,
-    weights: Annotated[str, typer.Option(help="Weight format: fp32 or fp16.")] = "fp32",
+    weights: Annotated[str, typer.Option(help="Weight format: fp32, fp16 or int8.")] = "fp32",
+    ort: Annotated[bool, typer.Option("--ort", help="Write ORT format (onnxruntime-mobile) instead of ONNX.")] = False,
 ) -> None:
     """Assemble the composite model for a task list into an ONNX file (no training)."""
     import time
@@ -179,16 +180,22 @@ def query(
 
     loaded = _pool(pool)
     names = _validate_tasks(loaded.taxonomy, _split_words(tasks + ctx.args))
-    if weights not in ("fp32", "fp16"):
-        fail(f"unknown weight format {weights!r}; use fp32 or fp16")
     assembler = Assembler(loaded)
     t0 = time.perf_counter()
-    model = assembler.assemble(names, softmax=softmax, weights=weights)
+    try:
+        model = assembler.assemble(names, softmax=softmax, weights=weights)
+    except ValueError as e:  # unknown or refused format
+        fail(str(e))
+    data = model.data
+    if ort:
+        from poe_core.formats import to_ort
+
+        data = to_ort(data)
     ms = (time.perf_counter() - t0) * 1000
-    output.write_bytes(model.data)
-    console.print(f"{output}: {len(model.labels)} classes from {len(names)} experts, "
-                  f"{loaded.composite_params(names):,} parameters, {len(model.data):,} bytes, "
-                  f"validation accuracy {loaded.composite_accuracy(names):.2%}, assembled in {ms:.2f} ms")
+    output.write_bytes(data)
+    console.print(f"{output}: {len(model.labels)} classes from {len(names)} experts, {weights} weights, "
+                  f"{loaded.composite_params(names):,} parameters, {len(data):,} bytes, validation accuracy "
+                  f"{loaded.composite_accuracy(names, weights=weights):.2%}, built in {ms:.2f} ms")
 
 
 @app.command("eval", context_settings=MANY_TASKS)
