@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def serve(
     if worker:
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--exit-with", str(os.getpid())])
     console.print(f"serving on http://{settings.host}:{settings.port} (API docs at /docs)")
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; exit cleanly
+    # through the finally below instead, so the worker is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower())

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from app.jobs.extraction import ExtractionRejected, ReuseUnavailable
 from app.jobs.queue import JobConflict
 from app.store.pools import PoolNotFound, PoolUnavailable
+from poe_core.formats import FormatUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ STATUS = {
     JobConflict: 409,
     ReuseUnavailable: 409,
     ExtractionRejected: 422,
+    FormatUnavailable: 422,
     PoolUnavailable: 503,
 }
 

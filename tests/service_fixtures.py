@@ -156,8 +156,30 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def tiny_extraction(oracle_epochs: int = 2, **overrides) -> dict:
+    """An extraction request that trains in seconds on the synthetic data set."""
+    def phase(depth, kc, ks, epochs):
+        return {"arch": {"depth": depth, "kc": kc, "ks": ks}, "epochs": epochs, "lr": 0.05}
+
+    return {"data": {"source": "synthetic"}, "oracle": phase(10, 1, 1, oracle_epochs),
+            "library": phase(10, 0.5, 0.5, 2), "experts": phase(10, 0.5, 0.25, 2),
+            "tasks": ["task0", "task1"], "batch_size": 16, "precision": "fp32", "device": "cpu"} | overrides
+
+
+@pytest.fixture
+def fresh(databases, tmp_path, pool):
+    """A store of its own with the synthetic pool active, and an API client on it."""
+    settings = make_settings(databases, tmp_path / "data")
+    services = Services.start(settings)
+    version = import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
+    services.close()
+    with TestClient(create_app(settings)) as c:
+        yield settings, c, version
+
+
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     """A real `poe worker` process on these settings, its output in `log`."""
+    env = settings_env(settings) | {"OMP_NUM_THREADS": "1"}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=settings_env(settings),
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)

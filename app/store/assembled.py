@@ -179,7 +179,7 @@ class ModelCache:
         values = dict(id=ident, pool_version=served.version, tasks=",".join(tasks), output=output,
                       weights=weights, sha256=sha, size=len(assembled.data), labels=list(assembled.labels),
                       params=pool.composite_params(tasks), flops=pool.composite_flops(tasks),
-                      val_acc=pool.composite_accuracy(tasks), assembly_ms=round(assembly_ms, 3), hits=0,
+                      val_acc=pool.composite_accuracy(tasks, weights), assembly_ms=round(assembly_ms, 3), hits=0,
                       created_at=now, last_used_at=now)
         with self.db.session() as session:
             add_artifacts(session, [(sha, "model", len(assembled.data), self.blobs.location(sha))])
