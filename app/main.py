@@ -6,20 +6,16 @@ import asyncio
 import contextlib
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.staticfiles import StaticFiles
 
-from app import errors
+from app import errors, web
 from app.api import admin, health, models, tasks
 from app.services import Services, admin_token
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-
-STATIC = Path(__file__).parent / "web" / "static"
 
 DESCRIPTION = """Pool of Experts: ask for a composite task (a set of primitive tasks) and get a
 small ONNX model for it, assembled in milliseconds from a pool of distilled experts.
@@ -58,5 +54,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
     for module in (health, tasks, models, admin):
         app.include_router(module.router)
-    app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
+    web.mount(app)
     return app

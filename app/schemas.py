@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from poe_core.data import SOURCES
 
@@ -14,10 +14,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+WeightFormat = Literal["fp32", "fp16", "int8"]
+FileFormat = Literal["onnx", "ort"]
+
+
 class ModelOptions(Strict):
     softmax: bool = Field(False, description="Append a Softmax: the model outputs probabilities.")
-    fp16: bool = Field(False, description="Store the weights as float16 (half the bytes; the model "
-                                          "casts them back and computes in float32).")
+    weights: WeightFormat | None = Field(
+        None, description="fp32 (default); fp16: float16 weights cast back in the graph (half the bytes, "
+                          "fp32 arithmetic); int8: onnxruntime static quantization (QDQ), refused with "
+                          "422 and the pool's reason when it loses more than a point of accuracy.")
+    fp16: bool = Field(False, description="Same as weights=\"fp16\" (kept for older clients).")
+    format: FileFormat = Field("onnx", description="onnx, or ort: the ORT format of onnxruntime-mobile, "
+                                                   "converted by onnxruntime at query time.")
+
+    @model_validator(mode="after")
+    def _one_weight_format(self) -> ModelOptions:
+        if self.fp16 and self.weights not in (None, "fp16"):
+            raise ValueError(f"fp16: true contradicts weights: {self.weights!r}; send only weights")
+        return self
+
+    @property
+    def weight_format(self) -> str:
+        return self.weights or ("fp16" if self.fp16 else "fp32")
 
 
 class ModelRequest(Strict):
@@ -42,13 +61,16 @@ class ModelOut(BaseModel):
     tasks: list[str] = Field(description="In the order of the model's outputs.")
     labels: list[str] = Field(description="Class label of every output column, in order.")
     output: Literal["logits", "probabilities"]
-    weights: Literal["fp32", "fp16"]
+    weights: WeightFormat
+    format: FileFormat = Field(description="onnx or ort; bytes and sha256 are those of this file.")
     params: int
     flops: int = Field(description="Multiply-accumulates of one image.")
     bytes: int
     sha256: str
     val_acc: float = Field(description="Top-1 of this composite model on the validation images of "
                                        "its classes, from the pool's cached logits.")
+    val_acc_by_format: dict[str, float | None] = Field(
+        description="The same accuracy in every weight format; null where the pool refuses the format.")
     input: InputSpec
     created_at: datetime
     download_url: str
@@ -61,12 +83,21 @@ class TaskOut(BaseModel):
     flops: int
     onnx_bytes: int = Field(description="Bytes the expert adds to an assembled model.")
     val_acc: float = Field(description="The expert's task-specific validation accuracy.")
+    val_acc_by_format: dict[str, float | None] = Field(
+        description="The same accuracy in every weight format; null where the pool refuses the format.")
+
+
+class FormatOut(BaseModel):
+    available: bool
+    reason: str | None = Field(description="Why the pool refuses this format.")
+    val_acc_drop: dict | None = Field(None, description="Measured drop against fp32 over composite tasks.")
 
 
 class TaskList(BaseModel):
     pool_version: int
     pool_id: str
     library: dict = Field(description="The shared library: params, flops, onnx_bytes.")
+    formats: dict[str, FormatOut] = Field(description="The weight formats this pool offers.")
     tasks: list[TaskOut]
 
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Annotated
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.deps import ServicesDep
@@ -11,6 +15,8 @@ from app.errors import InvalidTasks, NotFound
 from app.schemas import Error, InputSpec, ModelOut, ModelRequest
 from app.store.assembled import CachedModel, ModelInfo
 from app.store.pools import ServedPool
+from poe_core.formats import FORMATS, to_ort
+from poe_core.pool import Pool
 from poe_core.taxonomy import TaskError
 
 router = APIRouter(tags=["models"])
@@ -36,35 +42,72 @@ def wants_json(accept: str | None) -> bool:
     return quality.get("application/json", 0.0) > onnx
 
 
-def model_out(info: ModelInfo, request: Request) -> ModelOut:
+class OrtFiles:
+    """ORT-format conversions of assembled ONNX files, keyed by the ONNX file's sha256
+    (so shared safely by every pool version): onnxruntime converts a model in tens of
+    milliseconds, once per process, and the last `size` results stay in memory."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._files: OrderedDict[str, CachedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: CachedModel) -> CachedModel:
+        with self._lock:
+            found = self._files.get(model.info.sha256)
+            if found is not None:
+                self._files.move_to_end(model.info.sha256)
+                return found
+        data = to_ort(model.data)
+        converted = CachedModel(replace(model.info, sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
+                                data)
+        with self._lock:
+            self._files[model.info.sha256] = converted
+            while len(self._files) > self.size:
+                self._files.popitem(last=False)
+        return converted
+
+
+ORT_FILES = OrtFiles()
+
+
+def accuracy_by_format(pool: Pool, tasks) -> dict[str, float | None]:
+    return {w: pool.composite_accuracy(tasks, w) if pool.format_info(w)["available"] else None
+            for w in FORMATS}
+
+
+def model_out(info: ModelInfo, request: Request, pool: Pool, file_format: str = "onnx") -> ModelOut:
+    url = request.url_for("download_model", model_id=info.id)
     return ModelOut(
         id=info.id, pool_version=info.pool_version, pool_id=info.pool_id, tasks=list(info.tasks),
-        labels=list(info.labels), output=info.output, weights=info.weights, params=info.params,
-        flops=info.flops, bytes=info.size, sha256=info.sha256, val_acc=info.val_acc,
-        input=InputSpec(shape=["batch", *info.image_shape], **info.normalization),
-        created_at=info.created_at, download_url=str(request.url_for("download_model", model_id=info.id)),
+        labels=list(info.labels), output=info.output, weights=info.weights, format=file_format,
+        params=info.params, flops=info.flops, bytes=info.size, sha256=info.sha256, val_acc=info.val_acc,
+        val_acc_by_format=accuracy_by_format(pool, info.tasks),
+        input=InputSpec(shape=["batch", *info.image_shape], **info.normalization), created_at=info.created_at,
+        download_url=str(url if file_format == "onnx" else url.include_query_params(format=file_format)),
     )
 
 
-def file_name(info: ModelInfo) -> str:
+def file_name(info: ModelInfo, file_format: str = "onnx") -> str:
     stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(info.tasks))
     if len(stem) > 80:
         stem = f"{len(info.tasks)}-tasks-{info.id[:8]}"
-    suffix = ("-softmax" if info.output == "probabilities" else "") + ("-fp16" if info.weights == "fp16" else "")
-    return f"poe-{stem}{suffix}.onnx"
+    suffix = ("-softmax" if info.output == "probabilities" else "") + (
+        "" if info.weights == "fp32" else f"-{info.weights}")
+    return f"poe-{stem}{suffix}.{file_format}"
 
 
-def headers(info: ModelInfo) -> dict[str, str]:
+def headers(info: ModelInfo, file_format: str = "onnx") -> dict[str, str]:
     return {
         "ETag": f'"{info.sha256}"',
         "Cache-Control": "public, max-age=31536000, immutable",
         "X-Model-Id": info.id,
-        "Content-Disposition": f'attachment; filename="{file_name(info)}"',
+        "Content-Disposition": f'attachment; filename="{file_name(info, file_format)}"',
     }
 
 
-def onnx_response(model: CachedModel) -> Response:
-    return Response(model.data, media_type=ONNX, headers=headers(model.info))
+def onnx_response(model: CachedModel, file_format: str = "onnx") -> Response:
+    return Response(model.data, media_type=ONNX, headers=headers(model.info, file_format))
 
 
 def _validated(served: ServedPool, tasks: list[str]) -> list[str]:
@@ -79,21 +122,27 @@ def _validated(served: ServedPool, tasks: list[str]) -> list[str]:
     response_model=ModelOut,
     responses={200: {"description": "The ONNX file; with `Accept: application/json`, its metadata",
                      "content": {ONNX: ONNX_RESPONSE["content"][ONNX]}},
-               413: {"model": Error}, 422: {"description": "Unknown, repeated or no tasks; wrong types"},
+               413: {"model": Error},
+               422: {"description": "Unknown, repeated or no tasks; wrong types; a weight format the "
+                                    "pool refuses (`detail` says why)"},
                503: {"model": Error, "description": "No active pool"}},
 )
 async def create_model(body: ModelRequest, request: Request, services: ServicesDep,
                        accept: Annotated[str | None, Header()] = None):
     served = services.pools.active_if_fresh() or await run_in_threadpool(services.pools.active)
     tasks = _validated(served, body.tasks)
-    weights = "fp16" if body.options.fp16 else "fp32"
+    weights = body.options.weight_format
+    served.pool.require_format(weights)
     model = services.models.peek(served, tasks, body.options.softmax, weights)
     if model is None:
         model = await run_in_threadpool(services.models.get_or_create, served, tasks,
                                         body.options.softmax, weights)
+    file_format = body.options.format
+    if file_format == "ort":
+        model = await run_in_threadpool(ORT_FILES.get, model)
     if wants_json(accept):
-        return model_out(model.info, request)
-    return onnx_response(model)
+        return model_out(model.info, request, served.pool, file_format)
+    return onnx_response(model, file_format)
 
 
 def _described(services, model_id: str) -> ModelInfo:
@@ -106,7 +155,8 @@ def _described(services, model_id: str) -> ModelInfo:
 @router.get("/models/{model_id}", response_model=ModelOut, summary="Metadata of an assembled model",
             responses={404: {"model": Error}})
 def get_model(model_id: str, request: Request, services: ServicesDep) -> ModelOut:
-    return model_out(_described(services, model_id), request)
+    info = _described(services, model_id)
+    return model_out(info, request, services.pools.get(info.pool_version).pool)
 
 
 def _matches(if_none_match: str | None, sha256: str) -> bool:
@@ -116,13 +166,18 @@ def _matches(if_none_match: str | None, sha256: str) -> bool:
     return "*" in tags or sha256 in tags
 
 
-@router.get("/models/{model_id}/download", name="download_model", summary="The ONNX file of a model",
+@router.get("/models/{model_id}/download", name="download_model", summary="The ONNX (or ORT) file of a model",
             response_class=Response,
             responses={200: ONNX_RESPONSE, 304: {"description": "Not modified (If-None-Match)"},
                        404: {"model": Error}, 503: {"model": Error}})
 def download_model(model_id: str, services: ServicesDep,
-                   if_none_match: Annotated[str | None, Header()] = None) -> Response:
+                   if_none_match: Annotated[str | None, Header()] = None,
+                   format: Annotated[Literal["onnx", "ort"], Query()] = "onnx") -> Response:
     info = _described(services, model_id)
+    model = None
+    if format == "ort":  # its ETag is the converted file's sha256, known once converted
+        model = ORT_FILES.get(services.models.fetch(info))
+        info = model.info
     if _matches(if_none_match, info.sha256):
-        return Response(status_code=304, headers=headers(info))
-    return onnx_response(services.models.fetch(info))
+        return Response(status_code=304, headers=headers(info, format))
+    return onnx_response(model or services.models.fetch(info), format)

@@ -1,0 +1,265 @@
+// The page: pick primitive tasks, see the composite model's figures (POST /models with
+// Accept: application/json), download it, and run it here with onnxruntime-web.
+
+const ORT_URL = "/vendor/ort/ort.wasm.min.mjs";
+const MISSING_ORT = "onnxruntime-web is not installed on this server, so models cannot run in the " +
+  "browser (downloads still work). Install it with `npm ci --prefix app/web` and restart the service.";
+
+const $ = (id) => document.getElementById(id);
+const state = { tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null };
+
+const percent = (x) => x == null ? "n/a" : `${(x * 100).toFixed(2)} %`;
+const count = (n) => n.toLocaleString("en-US");
+const size = (n) => n >= 1e6 ? `${(n / 1e6).toFixed(2)} MB` : `${(n / 1e3).toFixed(1)} kB`;
+
+async function problem(response) {
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+function selected() {
+  return [...document.querySelectorAll("#tasks input:checked")].map((box) => box.value);
+}
+
+function weights() {
+  return document.querySelector("#weights input:checked").value;
+}
+
+async function loadTasks() {
+  const response = await fetch("/tasks");
+  if (!response.ok) {
+    $("pool").textContent = `No pool to serve: ${await problem(response)}`;
+    return;
+  }
+  const pool = await response.json();
+  state.tasks = pool.tasks;
+  state.formats = pool.formats;
+  $("pool").textContent = `Pool ${pool.pool_id}, version ${pool.pool_version}: ${pool.tasks.length} ` +
+    `primitive tasks over a shared library of ${count(pool.library.params)} parameters.`;
+  const fieldset = $("tasks");
+  for (const task of pool.tasks) {
+    const label = document.createElement("label");
+    label.className = "task";
+    label.innerHTML = `<input type="checkbox" name="task"><span class="name"></span>` +
+      `<span class="classes"></span><span class="stats"></span>`;
+    label.querySelector("input").value = task.name;
+    label.querySelector(".name").textContent = task.name;
+    label.querySelector(".classes").textContent = task.classes.join(", ");
+    label.querySelector(".stats").textContent =
+      `expert ${count(task.params)} params, ${size(task.onnx_bytes)} · accuracy ${percent(task.val_acc)}`;
+    fieldset.append(label);
+  }
+  fieldset.addEventListener("change", refresh);
+  for (const radio of document.querySelectorAll("#weights input")) {
+    const format = pool.formats[radio.value];
+    if (format && !format.available) {
+      radio.disabled = true;
+      $("weights-note").textContent = `${radio.value} is not offered by this pool: ${format.reason}`;
+    }
+  }
+  $("weights").addEventListener("change", refresh);
+}
+
+let debounce;
+function refresh() {
+  clearTimeout(debounce);
+  debounce = setTimeout(describeModel, 120);
+}
+
+function showModel(model) {
+  state.model = model;
+  const figures = $("figures");
+  figures.hidden = !model;
+  for (const id of ["download-onnx", "download-ort"]) {
+    $(id).setAttribute("aria-disabled", String(!model));
+    if (!model) $(id).removeAttribute("href");
+  }
+  if (!model) return;
+  $("acc").textContent = percent(model.val_acc);
+  $("acc").dataset.value = String(model.val_acc);
+  $("params").textContent = count(model.params);
+  $("bytes").textContent = size(model.bytes);
+  $("flops").textContent = count(model.flops);
+  $("acc-formats").textContent = Object.entries(model.val_acc_by_format)
+    .map(([format, acc]) => `${format} ${percent(acc)}`).join(" · ");
+  $("labels").textContent = model.labels.join(", ");
+  const onnx = new URL(model.download_url, location.href);
+  const ortFile = new URL(onnx);
+  ortFile.searchParams.set("format", "ort");
+  $("download-onnx").href = onnx.pathname + onnx.search;
+  $("download-ort").href = ortFile.pathname + ortFile.search;
+  $("download-onnx").textContent = `Download .onnx (${model.weights})`;
+  $("download-ort").textContent = `Download .ort (${model.weights}, mobile)`;
+  for (const id of ["download-onnx", "download-ort"]) $(id).setAttribute("download", "");
+  if (state.image) predict();
+}
+
+async function describeModel() {
+  const tasks = selected();
+  state.request?.abort();
+  $("model-error").textContent = "";
+  $("selection").textContent = tasks.length ? `Composite task: ${tasks.join(" + ")}` : "Select at least one task.";
+  if (!tasks.length) {
+    showModel(null);
+    return;
+  }
+  const request = state.request = new AbortController();
+  $("figures").setAttribute("aria-busy", "true");
+  try {
+    const response = await fetch("/models", {
+      method: "POST", signal: request.signal,
+      headers: { "Content-Type": "application/json", "Accept": "application/json" },
+      body: JSON.stringify({ tasks, options: { weights: weights() } }),
+    });
+    if (!response.ok) {
+      showModel(null);
+      $("model-error").textContent = await problem(response);
+      return;
+    }
+    showModel(await response.json());
+  } catch (error) {
+    if (error.name !== "AbortError") $("model-error").textContent = `Request failed: ${error.message}`;
+  } finally {
+    if (state.request === request) $("figures").setAttribute("aria-busy", "false");
+  }
+}
+
+// --- Try it ----------------------------------------------------------------------------
+
+let ortModule;
+async function runtime() {
+  if (!ortModule) {
+    ortModule = import(ORT_URL).then((ort) => {
+      ort.env.wasm.wasmPaths = "/vendor/ort/";
+      ort.env.wasm.numThreads = 1;  // threads need cross-origin isolation; these models are tiny
+      return ort;
+    });
+  }
+  return ortModule;
+}
+
+async function session(model) {
+  const ort = await runtime();
+  if (!state.sessions.has(model.id)) {
+    const loading = (async () => {
+      const response = await fetch(model.download_url);
+      if (!response.ok) throw new Error(`download failed: ${await problem(response)}`);
+      const bytes = new Uint8Array(await response.arrayBuffer());
+      return ort.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
+    })();
+    state.sessions.set(model.id, loading);
+    loading.catch(() => state.sessions.delete(model.id));
+  }
+  return { ort, session: await state.sessions.get(model.id) };
+}
+
+// NCHW float32 input: RGB pixels / 255, then (x - mean) / std, as the model's metadata says.
+function tensorData(model) {
+  const [, channels, height, width] = model.input.shape;
+  const canvas = $("preview");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  const image = state.image;
+  const side = Math.min(image.width, image.height);
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = "high";
+  context.drawImage(image, (image.width - side) / 2, (image.height - side) / 2, side, side, 0, 0, width, height);
+  const pixels = context.getImageData(0, 0, width, height).data;
+  const data = new Float32Array(channels * height * width);
+  const { mean, std } = model.input;
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < height * width; i++) {
+      data[c * height * width + i] = (pixels[i * 4 + c] / 255 - mean[c]) / std[c];
+    }
+  }
+  return data;
+}
+
+function top5(model, scores) {
+  let probabilities = Array.from(scores);
+  if (model.output === "logits") {
+    const max = Math.max(...probabilities);
+    const exps = probabilities.map((x) => Math.exp(x - max));
+    const total = exps.reduce((a, b) => a + b, 0);
+    probabilities = exps.map((x) => x / total);
+  }
+  return probabilities.map((p, i) => ({ label: model.labels[i], p }))
+    .sort((a, b) => b.p - a.p).slice(0, 5);
+}
+
+async function predict() {
+  const model = state.model;
+  const list = $("top5");
+  $("runtime-error").textContent = "";
+  if (!model) {
+    $("run-status").textContent = "Select tasks first: the image runs on the selected model.";
+    return;
+  }
+  $("run-status").textContent = "Running…";
+  list.dataset.state = "running";
+  try {
+    const { ort, session: runner } = await session(model);
+    const [, channels, height, width] = model.input.shape;
+    const input = new ort.Tensor("float32", tensorData(model), [1, channels, height, width]);
+    const started = performance.now();
+    const outputs = await runner.run({ [runner.inputNames[0]]: input });
+    const elapsed = performance.now() - started;
+    if (state.model !== model) return;  // the selection changed meanwhile; its own run follows
+    const best = top5(model, outputs[runner.outputNames[0]].data);
+    list.replaceChildren(...best.map(({ label, p }) => {
+      const item = document.createElement("li");
+      item.dataset.label = label;
+      item.innerHTML = `<span class="label"></span> <span class="p"></span><span class="bar"></span>`;
+      item.querySelector(".label").textContent = label;
+      item.querySelector(".p").textContent = percent(p);
+      item.querySelector(".bar").style.width = `${Math.max(1, p * 100)}%`;
+      return item;
+    }));
+    list.dataset.state = "done";
+    list.dataset.model = model.id;
+    $("run-status").textContent = `Ran ${model.tasks.join(" + ")} (${model.weights}) in ${elapsed.toFixed(1)} ms ` +
+      `with onnxruntime-web ${ort.env.versions?.web ?? ""}.`;
+  } catch (error) {
+    list.dataset.state = "error";
+    $("run-status").textContent = "";
+    $("runtime-error").textContent = `Could not run the model: ${error.message ?? error}`;
+  }
+}
+
+async function useFile(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    $("runtime-error").textContent = "That is not an image file.";
+    return;
+  }
+  try {
+    state.image = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } catch {
+    $("runtime-error").textContent = "This image cannot be decoded by the browser.";
+    return;
+  }
+  await predict();
+}
+
+function setUpTryIt() {
+  const input = $("image");
+  const drop = $("drop");
+  input.addEventListener("change", () => useFile(input.files[0]));
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (!input.disabled) useFile(event.dataTransfer.files[0]);
+  });
+  runtime().then(() => { input.disabled = false; }, () => {
+    $("runtime-error").textContent = MISSING_ORT;
+  });
+}
+
+setUpTryIt();
+loadTasks().catch((error) => { $("pool").textContent = `Could not load the tasks: ${error.message}`; });
