@@ -39,6 +39,7 @@ class Services:
         return services
 
     def close(self) -> None:
+        self.models.writer.flush()
         self.models.flush_hits()
         self.db.dispose()
 

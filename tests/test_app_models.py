@@ -91,6 +91,7 @@ def test_fifty_parallel_requests_assemble_once(client, services, monkeypatch):
     assert len({r.content for r in responses}) == 1
     assert len({r.headers["etag"] for r in responses}) == 1
     assert services.models.assemblies - before == 1
+    services.models.writer.flush()
     with services.db.session() as session:
         rows = session.scalar(select(func.count()).select_from(AssembledModel)
                               .where(AssembledModel.id == responses[0].headers["x-model-id"]))

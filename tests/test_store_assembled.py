@@ -19,6 +19,7 @@ def store(databases, tmp_path, pool):
 
 
 def _rows(store) -> int:
+    store.models.writer.flush()
     with store.db.session() as session:
         return session.scalar(select(func.count()).select_from(AssembledModel))
 
@@ -48,6 +49,7 @@ def test_order_and_options_make_the_key(store):
 def test_a_cold_process_reads_the_stored_model(store):
     served = store.pools.active()
     made = store.models.get_or_create(served, ["task1"])
+    store.models.writer.flush()
     cold = ModelCache(store.db, store.blobs, store.pools, max_bytes=1 << 20)
     again = cold.get_or_create(served, ["task1"])
     assert cold.assemblies == 0
@@ -57,6 +59,7 @@ def test_a_cold_process_reads_the_stored_model(store):
 def test_a_corrupt_model_blob_is_assembled_again(store):
     served = store.pools.active()
     made = store.models.get_or_create(served, ["task0"])
+    store.models.writer.flush()
     path = store.blobs.path(made.info.sha256)
     path.chmod(0o644)
     path.write_bytes(b"x" * made.info.size)
@@ -64,6 +67,7 @@ def test_a_corrupt_model_blob_is_assembled_again(store):
     again = cold.get_or_create(served, ["task0"])
     assert cold.assemblies == 1
     assert again.data == made.data
+    cold.writer.flush()
     assert store.blobs.get(made.info.sha256) == made.data
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -20,7 +21,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, select, update
 
-from app.store.blobs import BlobError, BlobStore
+from app.store.blobs import BlobError, BlobStore, sha256_bytes
 from app.store.db import Database
 from app.store.pools import PoolRegistry, ServedPool
 from app.store.rows import add_artifacts, insert_ignore
@@ -96,12 +97,59 @@ class HotModels:
         return len(self._models)
 
 
+class ModelWriter:
+    """Stores new models (blob, then row) on a thread of its own, so a request that
+    assembled a model answers without waiting for the disk and the database. A model is
+    findable while it waits: `pending` holds it until its row is committed."""
+
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.pending: dict[str, CachedModel] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def store(self, model: CachedModel, row: AssembledModel) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="model-writer", daemon=True)
+                self._thread.start()
+            self.pending[model.info.id] = model
+        self._queue.put((model, row))
+
+    def _run(self) -> None:
+        while True:
+            model, row = self._queue.get()
+            try:
+                self._write(model, row)
+            except Exception:
+                log.exception("storing assembled model %s failed", model.info.id)
+            finally:
+                self.pending.pop(model.info.id, None)
+                self._queue.task_done()
+
+    def _write(self, model: CachedModel, row: AssembledModel) -> None:
+        # Derived data: no fsync; a torn blob fails its hash check and is assembled again.
+        self.blobs.put(model.data, durable=False)
+        values = {c.key: getattr(row, c.key) for c in AssembledModel.__table__.columns}
+        with self.db.session() as session:
+            add_artifacts(session, [(row.sha256, "model", row.size, self.blobs.location(row.sha256))])
+            # Another API process may have stored the same key meanwhile: same bytes, keep its row.
+            insert_ignore(session, AssembledModel.__table__, [values])
+
+    def flush(self) -> None:
+        """Wait until every model handed over so far is stored."""
+        self._queue.join()
+
+
 class ModelCache:
     def __init__(self, db: Database, blobs: BlobStore, pools: PoolRegistry, max_bytes: int) -> None:
         self.db = db
         self.blobs = blobs
         self.pools = pools
         self.hot = HotModels(max_bytes)
+        self.writer = ModelWriter(db, blobs)
         self.assemblies = 0
         self._flights: dict[str, Future] = {}
         self._hits: Counter[str] = Counter()
@@ -155,6 +203,9 @@ class ModelCache:
 
     def _load_or_assemble(self, served: ServedPool, ident: str, tasks: tuple[str, ...], output: str,
                           weights: str) -> CachedModel:
+        pending = self.writer.pending.get(ident)
+        if pending is not None:
+            return pending
         with self.db.session() as session:
             row = session.get(AssembledModel, ident)
             info = None if row is None else self._info(row, served.pool.manifest)
@@ -174,21 +225,18 @@ class ModelCache:
         with self._lock:
             self.assemblies += 1
         pool = served.pool
-        sha = self.blobs.put(assembled.data, durable=False)
         now = utcnow()
-        values = dict(id=ident, pool_version=served.version, tasks=",".join(tasks), output=output,
-                      weights=weights, sha256=sha, size=len(assembled.data), labels=list(assembled.labels),
-                      params=pool.composite_params(tasks), flops=pool.composite_flops(tasks),
-                      val_acc=pool.composite_accuracy(tasks, weights), assembly_ms=round(assembly_ms, 3), hits=0,
-                      created_at=now, last_used_at=now)
-        with self.db.session() as session:
-            add_artifacts(session, [(sha, "model", len(assembled.data), self.blobs.location(sha))])
-            # Another API process may have stored the same key meanwhile: same bytes, keep its row.
-            insert_ignore(session, AssembledModel.__table__, [values])
-        info = self._info(AssembledModel(**values), pool.manifest)
-        log.info("assembled %s for pool %d in %.2f ms (%d bytes)", ",".join(tasks), served.version,
-                 assembly_ms, len(assembled.data))
-        return CachedModel(info, assembled.data)
+        row = AssembledModel(
+            id=ident, pool_version=served.version, tasks=",".join(tasks), output=output, weights=weights,
+            sha256=sha256_bytes(assembled.data), size=len(assembled.data), labels=list(assembled.labels),
+            params=pool.composite_params(tasks), flops=pool.composite_flops(tasks),
+            val_acc=pool.composite_accuracy(tasks, weights), assembly_ms=round(assembly_ms, 3), hits=0,
+            created_at=now, last_used_at=now)
+        model = CachedModel(self._info(row, pool.manifest), assembled.data)
+        log.info("assembled %s for pool %d in %.2f ms (%d bytes)", row.tasks, served.version, assembly_ms,
+                 row.size)
+        self.writer.store(model, row)
+        return model
 
     @staticmethod
     def _info(row: AssembledModel, manifest: dict) -> ModelInfo:
@@ -202,7 +250,7 @@ class ModelCache:
 
     def describe(self, ident: str) -> ModelInfo | None:
         """Metadata of any model ever assembled (of any pool version), or None."""
-        model = self.hot.get(ident)
+        model = self.hot.get(ident) or self.writer.pending.get(ident)
         if model is not None:
             return model.info
         with self.db.session() as session:
@@ -228,6 +276,7 @@ class ModelCache:
 
     def flush_hits(self) -> None:
         """Write the hit counts gathered in memory (one UPDATE per model, batched)."""
+        self.writer.flush()  # the rows to count on
         with self._lock:
             hits, self._hits = self._hits, Counter()
         if not hits:
