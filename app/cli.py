@@ -42,6 +42,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (POE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (POE_PORT).")] = None,
     worker: Annotated[bool, typer.Option(help="Start one `poe worker` beside the server.")] = True,
+    workers: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers).")] = 1,
 ) -> None:
     """Run the API (uvicorn) and one worker on the embedded default (SQLite + blobs in POE_DATA_DIR)."""
     import uvicorn
@@ -62,7 +63,9 @@ def serve(
     # through the finally below instead, so the worker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+        # Several processes need an import string; each builds its app from the environment.
+        target = create_app(settings) if workers == 1 else "app.main:create_app"
+        uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower())
     finally:
         if child is not None:

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p]
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> Settings:
+        if self.stale_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError("POE_STALE_SECONDS must exceed twice POE_HEARTBEAT_SECONDS, or live jobs "
+                             "would be taken for dead")
+        return self
 
     @cached_property
     def db_url(self) -> str:
