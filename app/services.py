@@ -39,8 +39,8 @@ class Services:
         return services
 
     def close(self) -> None:
-        self.models.writer.flush()
         self.models.flush_hits()
+        self.models.writer.close()
         self.db.dispose()
 
 

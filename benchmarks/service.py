@@ -66,7 +66,7 @@ def task_lists(tasks: list[str], n: int, seed: int = 0) -> list[dict]:
     sizes = [k for k in range(2, 6) if k <= len(tasks)] or [1]
     combos = [c for k in sizes for c in itertools.combinations(tasks, k)]
     rng.shuffle(combos)
-    options = [{}, {"softmax": True}, {"fp16": True}, {"softmax": True, "fp16": True}]
+    options = [{}, {"softmax": True}, {"weights": "fp16"}, {"softmax": True, "weights": "fp16"}]
     bodies = ({"tasks": list(c), "options": o} for o in options for c in combos)
     return list(itertools.islice(bodies, n))
 

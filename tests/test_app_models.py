@@ -9,6 +9,7 @@ import pytest
 from service_fixtures import slow_assembly
 from sqlalchemy import func, select
 
+from app.api.models import wants_json
 from app.store.tables import AssembledModel
 
 JSON = {"Accept": "application/json"}
@@ -116,3 +117,12 @@ def test_health_ready_docs_and_page(client, versions):
     assert "/models" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     assert "Pool of Experts" in client.get("/").text
+
+
+@pytest.mark.parametrize("accept, expected", [
+    (None, False), ("*/*", False), ("application/octet-stream", False), ("application/json", True),
+    ("application/json, */*", True), ("application/octet-stream, application/json;q=0.9", False),
+    ("application/json;q=0.5, */*", False), ("application/json, application/octet-stream;q=0.1", True),
+])
+def test_accept_negotiation(accept, expected):
+    assert wants_json(accept) is expected

@@ -47,7 +47,7 @@ def test_killed_worker_job_resumes_while_old_pool_serves(fresh, tmp_path):
     settings, client, old = fresh
     log = tmp_path / "worker.log"
     first = start_worker(settings, log)
-    job = client.post("/admin/extractions", headers=ADMIN, json=tiny_extraction(oracle_epochs=6)).json()
+    job = client.post("/admin/extractions", headers=ADMIN, json=tiny_extraction(oracle_epochs=4)).json()
     try:
         wait_for(lambda: _job(client, job["id"])["progress"] > 0, timeout=90, what="training progress")
     finally:

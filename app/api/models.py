@@ -38,8 +38,11 @@ def wants_json(accept: str | None) -> bool:
             quality[media.lower()] = float(q)
         except ValueError:
             quality[media.lower()] = 0.0
-    onnx = quality.get(ONNX, quality.get("application/*", quality.get("*/*", 0.0)))
-    return quality.get("application/json", 0.0) > onnx
+    json_q = quality.get("application/json", 0.0)
+    if ONNX in quality:
+        return json_q > quality[ONNX]
+    # Named beats a wildcard: "application/json, */*" asks for JSON.
+    return json_q > 0 and json_q >= quality.get("application/*", quality.get("*/*", 0.0))
 
 
 class OrtFiles:

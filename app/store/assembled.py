@@ -120,7 +120,11 @@ class ModelWriter:
 
     def _run(self) -> None:
         while True:
-            model, row = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            model, row = item
             try:
                 self._write(model, row)
             except Exception:
@@ -141,6 +145,14 @@ class ModelWriter:
     def flush(self) -> None:
         """Wait until every model handed over so far is stored."""
         self._queue.join()
+
+    def close(self) -> None:
+        """Store what is pending, then stop the thread (a later store starts a new one)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
 
 
 class ModelCache:
