@@ -51,7 +51,8 @@ class Connection:
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
+        fields = dict(h.lower().split(":", 1) for h in lines[1:] if ":" in h)
+        length = int(fields["content-length"])
         await self.reader.readexactly(length)
         return status, length
 

@@ -104,8 +104,9 @@ def second_pool(tmp_path_factory, work_dir, synthetic):
     """Another bundle from the same extraction: experts of task0 and task1 only."""
     student = load_wrn(work_dir, "library", len(synthetic.taxonomy.classes), synthetic.image_shape[0])
     experts = {t: e for t, e in load_experts(work_dir, synthetic).items() if t in ("task0", "task1")}
-    return build_pool(tmp_path_factory.mktemp("pools") / "second", library=student.library, experts=experts,
-                      splits=synthetic, library_spec=WRNSpec(10, 0.5, 0.5), expert_spec=WRNSpec(10, 0.5, 0.25))
+    return build_pool(tmp_path_factory.mktemp("pools") / "second", library=student.library,
+                      experts=experts, splits=synthetic, library_spec=WRNSpec(10, 0.5, 0.5),
+                      expert_spec=WRNSpec(10, 0.5, 0.25))
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@ import stat
 
 import pytest
 from fastapi.testclient import TestClient
+from service_fixtures import ADMIN, make_settings
 
 from app.main import create_app
 from app.services import admin_token
 from app.settings import Settings
-from service_fixtures import ADMIN, make_settings
 
 SYNTHETIC = {"data": {"source": "synthetic"}}
 

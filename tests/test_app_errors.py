@@ -2,9 +2,9 @@
 
 import pytest
 from fastapi.testclient import TestClient
+from service_fixtures import make_settings
 
 from app.main import create_app
-from service_fixtures import make_settings
 
 
 @pytest.mark.parametrize("body, status, message", [

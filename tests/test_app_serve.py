@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import httpx
-
 from service_fixtures import wait_for
 
 
@@ -52,5 +51,6 @@ def test_serve_starts_api_and_worker_with_the_default_pool(tmp_path, pool):
         server.send_signal(signal.SIGTERM)
         code = server.wait(30)
     assert code == 0, (tmp_path / "serve.log").read_text()
-    assert not os.path.exists(f"/proc/{workers[0]}") or open(f"/proc/{workers[0]}/stat").read().split()[2] == "Z"
+    worker_stat = f"/proc/{workers[0]}/stat"
+    assert not os.path.exists(worker_stat) or open(worker_stat).read().split()[2] == "Z"
     assert "admin token" in (tmp_path / "serve.log").read_text()

@@ -4,13 +4,13 @@ import threading
 from datetime import timedelta
 
 import pytest
+from service_fixtures import ADMIN, make_settings, tiny_extraction, wait_for
 
 from app.jobs import queue
 from app.jobs.worker import Worker
 from app.services import Services
 from app.store.pools import import_pool
 from app.store.tables import Job, utcnow
-from service_fixtures import ADMIN, make_settings, tiny_extraction, wait_for
 
 
 @pytest.fixture
@@ -82,7 +82,8 @@ def test_reuse_the_oracle_and_library_of_the_active_pool(fresh, work_dir, second
     services = client.app.state.services
     version = import_pool(services.db, services.blobs, second_pool.root, source="extraction",
                           work_dir=str(work_dir), activate=True)
-    r = client.post("/admin/extractions", headers=ADMIN, json=tiny_extraction(reuse="library", tasks=["task2"]))
+    request = tiny_extraction(reuse="library", tasks=["task2"])
+    r = client.post("/admin/extractions", headers=ADMIN, json=request)
     assert r.status_code == 202, r.json()
     assert r.json()["request"]["reuse_from"]["pool_version"] == version
     Worker(services).run(once=True)

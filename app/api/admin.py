@@ -78,7 +78,8 @@ def pool_out(pool: PoolVersion, active: int | None) -> PoolOut:
 @router.get("/pools", response_model=list[PoolOut], summary="Pool versions, newest first")
 def list_pools(session: SessionDep) -> list[PoolOut]:
     active = active_version(session)
-    return [pool_out(p, active) for p in session.scalars(select(PoolVersion).order_by(PoolVersion.version.desc()))]
+    pools = session.scalars(select(PoolVersion).order_by(PoolVersion.version.desc()))
+    return [pool_out(p, active) for p in pools]
 
 
 @router.post("/pools/{version}/activate", response_model=PoolOut, summary="Serve this pool version",

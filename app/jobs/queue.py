@@ -134,7 +134,8 @@ def finish(db: Database, job_id: int, worker: str, status: str, *, error: str | 
         job.log = _appended(job.log, [line or status])
 
 
-def recover_stale(db: Database, stale_seconds: float, max_attempts: int, now: datetime | None = None) -> list[Job]:
+def recover_stale(db: Database, stale_seconds: float, max_attempts: int,
+                  now: datetime | None = None) -> list[Job]:
     """Running jobs whose worker stopped heartbeating: back to queued (resumed from their
     checkpoints by the next worker) while attempts remain, else failed with the reason."""
     cutoff = (now or utcnow()) - timedelta(seconds=stale_seconds)
