@@ -110,3 +110,15 @@ def test_cancel_a_running_job(fresh):
         thread.join(30)
     assert not (settings.work_dir / f"job-{job['id']}").exists()
     assert client.get("/tasks").json()["pool_version"] == old
+
+
+def test_a_job_whose_pool_was_imported_just_finishes(fresh, second_pool):
+    """A worker that died between importing the pool and marking the job succeeded."""
+    settings, client, _ = fresh
+    services = client.app.state.services
+    job = client.post("/admin/extractions", headers=ADMIN, json=tiny_extraction()).json()
+    version = import_pool(services.db, services.blobs, second_pool.root, source="job", job_id=job["id"])
+    Worker(services).run(once=True)
+    done = client.get(f"/admin/jobs/{job['id']}", headers=ADMIN).json()
+    assert (done["status"], done["pool_version"]) == ("succeeded", version)
+    assert not any("phase oracle" in line for line in done["log"])

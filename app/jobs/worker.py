@@ -18,11 +18,13 @@ import threading
 import time
 import traceback
 
+from sqlalchemy import select
+
 from app.jobs import queue
 from app.jobs.extraction import run_extraction
 from app.services import Services
 from app.store.pools import import_pool
-from app.store.tables import Job
+from app.store.tables import Job, PoolVersion
 from poe_core.train import Progress
 
 log = logging.getLogger(__name__)
@@ -139,12 +141,14 @@ class Worker:
         db = self.services.db
         try:
             with JobRun(self, job) as run:
-                bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run)
-                run.check()
-                version = import_pool(db, self.services.blobs, bundle, source=f"job {job.id}",
-                                      job_id=job.id, work_dir=str(work.resolve()),
-                                      activate=job.request.get("activate", True))
-                shutil.rmtree(bundle, ignore_errors=True)
+                version = self._imported(job.id)
+                if version is None:
+                    bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run)
+                    run.check()
+                    version = import_pool(db, self.services.blobs, bundle, source=f"job {job.id}",
+                                          job_id=job.id, work_dir=str(work.resolve()),
+                                          activate=job.request.get("activate", True))
+                    shutil.rmtree(bundle, ignore_errors=True)
             self._finish(job.id, "succeeded", pool_version=version,
                          line=f"pool version {version} imported"
                               + (" and activated" if job.request.get("activate", True) else ""))
@@ -158,6 +162,11 @@ class Worker:
             log.exception("job %d failed", job.id)
             self._finish(job.id, "failed", error=f"{type(e).__name__}: {e}",
                          line=traceback.format_exc(limit=5).strip().splitlines()[-1])
+
+    def _imported(self, job_id: int) -> int | None:
+        """The pool version an earlier attempt imported, if its worker died right after."""
+        with self.services.db.session() as session:
+            return session.scalar(select(PoolVersion.version).where(PoolVersion.job_id == job_id))
 
     def _finish(self, job_id: int, status: str, **kwargs) -> None:
         try:
