@@ -13,7 +13,9 @@ from poe_core.nets import WRNSpec
 from poe_core.pool import Pool, build_pool_from_work
 from poe_core.train import TrainConfig
 
-torch.set_num_threads(2)
+# Tiny test networks gain nothing from a second thread, and lose much when the other
+# core is busy (OpenMP threads wait for each other).
+torch.set_num_threads(1)
 
 
 def tiny_plan(epochs: int = 2, **overrides) -> ExtractionPlan:
