@@ -109,11 +109,11 @@ def load_cifar100_torchvision(
 
     def load(train: bool) -> ImageSet:
         ds = CIFAR100(str(root), train=train, download=download)
+        if list(ds.classes) != list(CIFAR100_CLASSES):
+            raise ValueError("torchvision's CIFAR-100 class order differs from poe's")
         return ImageSet(torch.from_numpy(ds.data.transpose(0, 3, 1, 2).copy()),
                         torch.tensor(ds.targets, dtype=torch.int64))
 
-    if list(CIFAR100(str(root), train=False, download=download).classes) != list(CIFAR100_CLASSES):
-        raise ValueError("torchvision's CIFAR-100 class order differs from poe's")
     return _split(load(True), load(False), cifar100(), val_per_class, seed,
                   CIFAR100_MEAN, CIFAR100_STD, "cifar100")
 
