@@ -173,8 +173,10 @@ def main() -> None:
 
     def ablation():
         trained, result = train_heads(library, oracle, splits, heads, expert_spec, abl_cfg)
-        logits = {n: predict(BranchedModel(library, [h]), test, splits.mean, splits.std, CPU)
-                  for n, h in trained.items()}
+        features = predict(library, test, splits.mean, splits.std, CPU)  # once for all heads
+        with torch.no_grad():
+            logits = {n: torch.cat([h.cpu().float().eval()(f) for f in features.split(1000)])
+                      for n, h in trained.items()}
         return {"logits": logits, "best_epoch": result.best_epoch, "val": result.best_val_acc,
                 "seconds": result.seconds}
 
