@@ -101,6 +101,3 @@ def cross_expert_error_share(
     true_col = (y[:, None] == classes[None, :]).float().argmax(1)
     return (owner[winner[wrong]] != owner[true_col[wrong]]).float().mean().item()
 
-
-def param_bytes(module: nn.Module, bytes_per_param: int = 4) -> int:
-    return sum(p.numel() for p in module.parameters()) * bytes_per_param

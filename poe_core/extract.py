@@ -18,13 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poe_core.data import Splits
-from poe_core.evaluate import accuracy, predict
 from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
 from poe_core.train import (
     PhaseResult,
     ProgressFn,
     TrainConfig,
-    pick_device,
     train_experts,
     train_library,
     train_oracle,
@@ -137,10 +135,3 @@ def run_phase(
 def _size(model: WideResNet, splits: Splits) -> dict:
     return {"params": count_params(model), "flops": count_flops(model.cpu(), splits.image_shape)}
 
-
-def test_accuracy(model: torch.nn.Module, splits: Splits, device: str = "auto") -> float | None:
-    """Top-1 on the test split, for reported figures only (never for selection)."""
-    if splits.test is None:
-        return None
-    logits = predict(model, splits.test, splits.mean, splits.std, pick_device(device))
-    return accuracy(logits, splits.test.y)
