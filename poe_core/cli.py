@@ -80,6 +80,7 @@ def extract(
     oracle_arch: Annotated[str, typer.Option(help="Oracle WRN as DEPTH,KC,KS.")] = "16,4,4",
     library_arch: Annotated[str, typer.Option(help="Library student WRN as DEPTH,KC,KS.")] = "16,1,1",
     expert_arch: Annotated[str, typer.Option(help="Expert WRN as DEPTH,KC,KS (KC must match the library).")] = "16,1,0.25",
+    oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = False,
     oracle_epochs: int = 15, library_epochs: int = 15, expert_epochs: int = 10,
     oracle_lr: float = 0.1, library_lr: float = 0.1, expert_lr: float = 0.05,
     batch_size: int = 128,
@@ -87,7 +88,7 @@ def extract(
     schedule: Annotated[str, typer.Option(help="onecycle, cosine, step or constant.")] = "onecycle",
     temperature: float = 4.0, alpha: float = 0.3, seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CPU, fp16 AMP on CUDA) or fp32.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32), fp32, bf16 or fp16.")] = "auto",
     fp16_logits: Annotated[bool, typer.Option(help="Store validation logits as fp16 in the pool.")] = False,
 ) -> None:
     """Distil the oracle into a library and experts; resumable; writes a pool bundle."""
@@ -107,6 +108,7 @@ def extract(
         TrainConfig(epochs=library_epochs, lr=library_lr, **common),
         TrainConfig(epochs=expert_epochs, lr=expert_lr, **common),
         tasks,
+        oracle_with_val,
     )
     splits = _load(data, data_path, hierarchy, val_per_class, seed, download)
     if tasks:

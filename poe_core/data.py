@@ -71,16 +71,23 @@ def stratified_split(
 
 def _split(
     train: ImageSet, test: ImageSet | None, taxonomy: Taxonomy, val_per_class: int, seed: int,
-    mean, std, name: str,
+    name: str, mean=None, std=None,
 ) -> Splits:
+    """Hold out the validation split; the normalisation is the training images' own
+    channel statistics unless given."""
     kept, held = stratified_split(train.y, val_per_class, seed)
-    return Splits(train.subset(kept), train.subset(held), test, taxonomy, tuple(mean), tuple(std), name)
+    train, val = train.subset(kept), train.subset(held)
+    if mean is None or std is None:
+        mean, std = channel_stats(train.x)
+    return Splits(train, val, test, taxonomy, tuple(mean), tuple(std), name)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    f = x.float().div_(255)
-    return tuple(f.mean((0, 2, 3)).tolist()), tuple(f.std((0, 2, 3)).tolist())
+    """Per-channel mean and std of uint8 images, in [0, 1] units (rounded to 4 digits,
+    so the same images give the same figures on every machine)."""
+    f = x.to(torch.float64).div_(255)
+    mean, std = f.mean((0, 2, 3)), f.std((0, 2, 3))
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 def load_cifar100_npy(root: str | Path, val_per_class: int = 50, seed: int = 0) -> Splits:
@@ -97,8 +104,7 @@ def load_cifar100_npy(root: str | Path, val_per_class: int = 50, seed: int = 0) 
         return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                         torch.from_numpy(y.astype(np.int64)))
 
-    return _split(load("train"), load("test"), cifar100(), val_per_class, seed,
-                  CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+    return _split(load("train"), load("test"), cifar100(), val_per_class, seed, "cifar100")
 
 
 def load_cifar100_torchvision(
@@ -114,8 +120,7 @@ def load_cifar100_torchvision(
         return ImageSet(torch.from_numpy(ds.data.transpose(0, 3, 1, 2).copy()),
                         torch.tensor(ds.targets, dtype=torch.int64))
 
-    return _split(load(True), load(False), cifar100(), val_per_class, seed,
-                  CIFAR100_MEAN, CIFAR100_STD, "cifar100")
+    return _split(load(True), load(False), cifar100(), val_per_class, seed, "cifar100")
 
 
 def load_image_folder(
@@ -145,8 +150,7 @@ def load_image_folder(
     train = load("train")
     if train is None:
         raise FileNotFoundError(f"{root} has no train/ folder")
-    mean, std = channel_stats(train.x)
-    return _split(train, load("test"), taxonomy, val_per_class, seed, mean, std, root.name)
+    return _split(train, load("test"), taxonomy, val_per_class, seed, root.name)
 
 
 def make_synthetic(
@@ -174,8 +178,7 @@ def make_synthetic(
         f"task{t}": [f"class{t}_{c}" for c in range(classes_per_task)] for t in range(tasks)
     })
     train = sample(per_class + val_per_class)
-    mean, std = channel_stats(train.x)
-    return _split(train, sample(test_per_class), taxonomy, val_per_class, seed, mean, std, "synthetic")
+    return _split(train, sample(test_per_class), taxonomy, val_per_class, seed, "synthetic")
 
 
 def load_splits(source: str, path: str | Path | None = None, *, hierarchy: str | Path | None = None,

@@ -14,15 +14,8 @@ import torch
 from torch import nn
 
 from poe_core.data import ImageSet, Normalize, batches
+from poe_core.device import autocast
 from poe_core.taxonomy import Taxonomy
-
-
-def autocast(device: torch.device, precision: str):
-    """bfloat16 autocast on CPUs, float16 AMP on CUDA, or nothing for fp32."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from poe_core.checkpoint import remove_checkpoint
 from poe_core.data import Splits
+from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
 from poe_core.train import (
     PhaseResult,
@@ -42,6 +44,7 @@ class ExtractionPlan:
     library_cfg: TrainConfig = field(default_factory=TrainConfig)
     expert_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.05))
     tasks: Sequence[str] | None = None  # None: every primitive task of the taxonomy
+    oracle_with_val: bool = False  # train the oracle on the validation images too (see train_oracle)
 
 
 def _save_phase(work: Path, phase: str, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -64,6 +67,7 @@ def phase_info(work: Path, phase: str) -> dict:
 def _figures(result: PhaseResult, cfg: TrainConfig, spec: WRNSpec) -> dict:
     return {
         "architecture": spec.to_dict(), "config": cfg.to_dict(), "epochs": result.epochs,
+        "precision": resolve_precision(cfg.precision, pick_device(cfg.device).type),
         "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
         "seconds": round(result.seconds, 1), "history": result.history,
     }
@@ -100,11 +104,13 @@ def run_phase(
         return phase_info(work, phase)
     n_classes = len(splits.taxonomy.classes)
     in_ch = splits.image_shape[0]
-    ckpt = work / f"{phase}.ckpt"
+    ckpt = work / f"{phase}.checkpoint"
     if phase == "oracle":
-        model, result = train_oracle(splits, plan.oracle_spec, plan.oracle_cfg,
+        model, result = train_oracle(splits, plan.oracle_spec, plan.oracle_cfg, with_val=plan.oracle_with_val,
                                      checkpoint=ckpt, progress=progress)
         info = _figures(result, plan.oracle_cfg, plan.oracle_spec)
+        info |= {"trained_on": "train+val" if plan.oracle_with_val else "train",
+                 "normalization": {"mean": list(splits.mean), "std": list(splits.std)}}
         info |= _size(model, splits)
         state = model.state_dict()
     elif phase == "library":
@@ -127,8 +133,9 @@ def run_phase(
         state = {f"{t}.{k}": v for t, head in experts.items() for k, v in head.state_dict().items()}
     else:
         raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+    info["machine"] = machine_summary(pick_device(plan.oracle_cfg.device))
     _save_phase(work, phase, state, info)
-    ckpt.unlink(missing_ok=True)
+    remove_checkpoint(ckpt)
     return info
 
 

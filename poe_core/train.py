@@ -15,9 +15,9 @@ without re-running the oracle and the library once per expert.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poe_core.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from poe_core.data import ImageSet, Normalize, Splits, batches
-from poe_core.evaluate import accuracy, autocast, predict, task_specific_accuracy
+from poe_core.device import autocast, pick_device, resolve_precision
+from poe_core.evaluate import accuracy, predict, task_specific_accuracy
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
 from poe_core.nets import BranchedModel, ExpertHead, Library, WideResNet, WRNSpec, expert_head, init_weights
 from poe_core.taxonomy import Taxonomy
@@ -49,7 +51,7 @@ class TrainConfig:
     alpha: float = 0.3
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CPU, fp16 AMP on CUDA) | fp32
+    precision: str = "auto"  # auto (by hardware, see poe_core.device) | fp32 | bf16 | fp16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,14 +89,8 @@ class PhaseResult:
     epochs: int = 0
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _precision(cfg: TrainConfig) -> str:
-    return "fp32" if cfg.precision == "fp32" else "mixed"
+    return resolve_precision(cfg.precision, pick_device(cfg.device).type)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -115,12 +111,6 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
     raise ValueError(f"unknown schedule {cfg.schedule!r}: use onecycle, cosine, step or constant")
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -129,29 +119,30 @@ def _fit(
     phase: str,
     trainables: Mapping[str, nn.Module],
     step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    validate: Callable[[], Mapping[str, float]],
+    validate: Callable[[], Mapping[str, float]] | None,
     splits: Splits,
     cfg: TrainConfig,
     checkpoint: Path | None,
     progress: ProgressFn | None,
 ) -> PhaseResult:
-    """Train `trainables` for cfg.epochs and load each one's best-on-validation weights."""
+    """Train `trainables` for cfg.epochs and load each one's best-on-validation weights
+    (with `validate=None`, for a model that trains on the validation images too, the
+    last epoch's)."""
     device = pick_device(cfg.device)
-    mixed = _precision(cfg) == "mixed"
-    channels_last = mixed
+    precision = _precision(cfg)
     params = [p for m in trainables.values() for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=True)
     steps = math.ceil(len(splits.train) / cfg.batch_size)
     sched = _scheduler(opt, cfg, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=mixed and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     normalize = Normalize(splits.mean, splits.std, device)
 
     result = PhaseResult({n: -1.0 for n in trainables}, {n: 0 for n in trainables})
     best_states = {n: _clone_state(m) for n, m in trainables.items()}
     start_epoch = 1
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if checkpoint is not None and checkpoint_exists(checkpoint):
+        state = load_checkpoint(checkpoint, map_location=device)
         for n, m in trainables.items():
             m.load_state_dict(state["modules"][n])
             best_states[n] = state["best_states"][n]
@@ -169,10 +160,9 @@ def _fit(
             m.train()
         total, count = 0.0, 0
         data = batches(splits.train, cfg.batch_size, seed=cfg.seed * 100_003 + epoch,
-                       augmented=True, normalize=normalize, device=device,
-                       channels_last=channels_last)
+                       augmented=True, normalize=normalize, device=device, channels_last=True)
         for step, (x, y) in enumerate(data, 1):
-            with autocast(device, _precision(cfg)):
+            with autocast(device, precision):
                 loss = step_loss(x, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -185,7 +175,10 @@ def _fit(
             count += len(y)
             if progress is not None and (step % 10 == 0 or step == steps):
                 progress(Progress(phase, epoch, cfg.epochs, step, steps, total / count))
-        val = validate()
+        val = validate() if validate is not None else {}
+        if validate is None:
+            best_states = {n: _clone_state(m) for n, m in trainables.items()}
+            result.best_epoch = {n: epoch for n in trainables}
         for n, acc in val.items():
             if acc > result.best_val_acc[n]:
                 result.best_val_acc[n], result.best_epoch[n] = acc, epoch
@@ -193,13 +186,13 @@ def _fit(
         seconds = time.perf_counter() - t0
         result.seconds += seconds
         result.epochs = epoch
-        mean_val = sum(val.values()) / len(val)
+        mean_val = sum(val.values()) / len(val) if val else None
         result.history.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": mean_val,
-                               "seconds": round(seconds, 1)})
+                               "seconds": round(seconds, 1), "precision": precision})
         if progress is not None:
             progress(Progress(phase, epoch, cfg.epochs, steps, steps, total / max(count, 1), mean_val))
         if checkpoint is not None:
-            _save_atomic({
+            save_checkpoint({
                 "epoch": epoch,
                 "modules": {n: m.state_dict() for n, m in trainables.items()},
                 "best_states": best_states,
@@ -219,26 +212,34 @@ def _fit(
 
 
 def _prepare(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    device = pick_device(cfg.device)
-    model.to(device)
-    if _precision(cfg) == "mixed":
-        model.to(memory_format=torch.channels_last)
-    return model
+    # channels_last pays in every precision here: oneDNN's bf16 needs it, and an fp32
+    # WRN-16-(4,4) step measured 8% faster with it on an AVX2-only EPYC.
+    return model.to(pick_device(cfg.device), memory_format=torch.channels_last)
 
 
 def train_oracle(
-    splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
+    splits: Splits, spec: WRNSpec, cfg: TrainConfig, *, with_val: bool = False,
     checkpoint: Path | None = None, progress: ProgressFn | None = None,
 ) -> tuple[WideResNet, PhaseResult]:
-    """The oracle from scratch with cross-entropy (optionally label-smoothed)."""
+    """The oracle from scratch with cross-entropy (optionally label-smoothed).
+
+    `with_val` trains it on the validation images too, for a fixed number of epochs and
+    no selection (its last epoch is kept). The students never train on those images and
+    are selected on them against the true labels, so nothing the oracle saw leaks into
+    a student's selection; the oracle just gets 10% more data for the same recipe."""
     torch.manual_seed(cfg.seed)
     model = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
 
     def step_loss(x, y):
         return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
-    result = _fit("oracle", {"oracle": model}, step_loss, _top1(model, "oracle", splits, cfg),
-                  splits, cfg, checkpoint, progress)
+    if with_val:
+        everything = ImageSet(torch.cat([splits.train.x, splits.val.x]), torch.cat([splits.train.y, splits.val.y]))
+        result = _fit("oracle", {"oracle": model}, step_loss, None,
+                      dataclasses.replace(splits, train=everything), cfg, checkpoint, progress)
+    else:
+        result = _fit("oracle", {"oracle": model}, step_loss, _top1(model, "oracle", splits, cfg),
+                      splits, cfg, checkpoint, progress)
     return model, result
 
 
@@ -402,7 +403,7 @@ def _top1(model: nn.Module, name: str, splits: Splits, cfg: TrainConfig):
 
     def validate() -> dict[str, float]:
         logits = predict(model, splits.val, splits.mean, splits.std, device,
-                         precision=_precision(cfg), channels_last=_precision(cfg) == "mixed")
+                         precision=_precision(cfg), channels_last=True)
         return {name: accuracy(logits, splits.val.y)}
 
     return validate
@@ -412,4 +413,4 @@ def _features(library: Library, splits: Splits, cfg: TrainConfig) -> torch.Tenso
     """Library features of the validation images (computed once per validation)."""
     device = pick_device(cfg.device)
     return predict(library, splits.val, splits.mean, splits.std, device,
-                   precision=_precision(cfg), channels_last=_precision(cfg) == "mixed")
+                   precision=_precision(cfg), channels_last=True)
