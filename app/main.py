@@ -48,7 +48,9 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(title="Pool of Experts", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # app.web serves /docs and /redoc from npm packages, with no CDN
+    app = FastAPI(title="Pool of Experts", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings or Settings()
     errors.install(app)
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
