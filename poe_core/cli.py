@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from poe_core.data import SOURCES, load_splits
 from poe_core.nets import WRNSpec
-from poe_core.train import TrainConfig
+from poe_core.recipe import ExtractionPlan, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pool of Experts: distil an oracle into a pool, assemble models from it.")
@@ -66,9 +66,16 @@ class ProgressBars:
                                           p.phase, p.epoch, p.epochs, p.loss, 100 * p.val_acc)
 
 
+DEFAULT = ExtractionPlan()
+
+
+def _arch(spec) -> str:
+    return f"{spec.depth},{spec.kc:g},{spec.ks:g}"
+
+
 @app.command()
 def extract(
-    work: Annotated[Path, typer.Option(help="Work directory: checkpoints and finished phases.")],
+    work: Annotated[Path, typer.Option(help="Work directory: checkpoints, finished phases, the logit bank.")],
     out: Annotated[Path | None, typer.Option(help="Pool directory to write when all phases are done.")] = None,
     data: Annotated[str, typer.Option(help=f"Data source: {', '.join(SOURCES)}.")] = "cifar100-npy",
     data_path: Annotated[Path | None, typer.Option(help="Data directory (or torchvision root).")] = None,
@@ -77,22 +84,35 @@ def extract(
     val_per_class: Annotated[int, typer.Option(help="Validation images held out per class.")] = 50,
     phase: Annotated[list[str] | None, typer.Option(help="Phase(s) to run: oracle, library, experts. Default: all.")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Primitive task(s) to extract experts for. Default: all.")] = None,
-    oracle_arch: Annotated[str, typer.Option(help="Oracle WRN as DEPTH,KC,KS.")] = "16,4,4",
-    library_arch: Annotated[str, typer.Option(help="Library student WRN as DEPTH,KC,KS.")] = "16,1,1",
-    expert_arch: Annotated[str, typer.Option(help="Expert WRN as DEPTH,KC,KS (KC must match the library).")] = "16,1,0.25",
-    oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = False,
-    oracle_epochs: int = 15, library_epochs: int = 15, expert_epochs: int = 10,
-    oracle_lr: float = 0.1, library_lr: float = 0.1, expert_lr: float = 0.05,
-    batch_size: int = 128,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the oracle's loss.")] = 0.1,
-    schedule: Annotated[str, typer.Option(help="onecycle, cosine, step or constant.")] = "onecycle",
-    temperature: float = 4.0, alpha: float = 0.3, seed: int = 0,
+    oracle: Annotated[Path | None, typer.Option(help="Bring your own oracle instead of training one: a kept poe oracle (.safetensors with its .json) or any classifier exported to ONNX (.onnx).")] = None,
+    oracle_classes: Annotated[Path | None, typer.Option(help="ONNX oracle: its output classes, a JSON list or one name per line (default: the data set's, in order).")] = None,
+    oracle_mean: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation mean as R,G,B (default: the data set's).")] = None,
+    oracle_std: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation std as R,G,B (default: the data set's).")] = None,
+    oracle_arch: Annotated[str, typer.Option(help="Oracle WRN as DEPTH,KC,KS.")] = _arch(DEFAULT.oracle_spec),
+    library_arch: Annotated[str, typer.Option(help="Library student WRN as DEPTH,KC,KS.")] = _arch(DEFAULT.library_spec),
+    expert_arch: Annotated[str, typer.Option(help="Expert WRN as DEPTH,KC,KS (KC must match the library).")] = _arch(DEFAULT.expert_spec),
+    expert_widths: Annotated[str | None, typer.Option(help="Head widths KS to train jointly, e.g. 0.25,0.5,1 (default: the expert arch's).")] = None,
+    oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = DEFAULT.oracle_with_val,
+    bank_views: Annotated[int, typer.Option(help="Augmented views per training image in the oracle's logit bank; 0 runs the oracle on every batch instead.")] = DEFAULT.bank.views,
+    oracle_epochs: int = DEFAULT.oracle_cfg.epochs, library_epochs: int = DEFAULT.library_cfg.epochs,
+    expert_epochs: int = DEFAULT.expert_cfg.epochs,
+    oracle_lr: float = DEFAULT.oracle_cfg.lr, library_lr: float = DEFAULT.library_cfg.lr,
+    expert_lr: float = DEFAULT.expert_cfg.lr,
+    batch_size: int = DEFAULT.oracle_cfg.batch_size,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the oracle's loss.")] = DEFAULT.oracle_cfg.label_smoothing,
+    schedule: Annotated[str, typer.Option(help="onecycle, cosine, step or constant.")] = DEFAULT.oracle_cfg.schedule,
+    temperature: float = DEFAULT.library_cfg.temperature, alpha: float = DEFAULT.expert_cfg.alpha,
+    seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32), fp32, bf16 or fp16.")] = "auto",
     fp16_logits: Annotated[bool, typer.Option(help="Store validation logits as fp16 in the pool.")] = False,
 ) -> None:
     """Distil the oracle into a library and experts; resumable; writes a pool bundle."""
-    from poe_core.extract import PHASES, ExtractionPlan, run_phase
+    from poe_core.bank import ViewRecipe
+    from poe_core.device import PRECISIONS
+    from poe_core.extract import PHASES, run_phase
+    from poe_core.oracle import OracleError
+    from poe_core.recipe import ExternalOracle
 
     phases = phase or list(PHASES)
     bad = [p for p in phases if p not in PHASES]
@@ -100,15 +120,25 @@ def extract(
         fail(f"unknown phase(s) {', '.join(bad)}; phases: {', '.join(PHASES)}")
     if schedule not in ("onecycle", "cosine", "step", "constant"):
         fail(f"unknown schedule {schedule!r}; use onecycle, cosine, step or constant")
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if bank_views < 0:
+        fail("--bank-views must be 0 (no bank) or more")
     common = dict(batch_size=batch_size, schedule=schedule, temperature=temperature, alpha=alpha,
                   seed=seed, device=device, precision=precision)
+    external = None
+    if oracle is not None:
+        external = ExternalOracle(oracle, oracle_classes, _triple(oracle_mean, "--oracle-mean"),
+                                  _triple(oracle_std, "--oracle-std"))
+        if external.kind == "onnx" and bank_views == 0:
+            fail("an ONNX oracle is read through the logit bank: --bank-views must be at least 1")
     plan = ExtractionPlan(
         parse_spec(oracle_arch), parse_spec(library_arch), parse_spec(expert_arch),
         TrainConfig(epochs=oracle_epochs, lr=oracle_lr, label_smoothing=label_smoothing, **common),
         TrainConfig(epochs=library_epochs, lr=library_lr, **common),
         TrainConfig(epochs=expert_epochs, lr=expert_lr, **common),
-        tasks,
-        oracle_with_val,
+        tasks, oracle_with_val, _widths(expert_widths),
+        ViewRecipe(bank_views, seed=seed) if bank_views else None, external,
     )
     splits = _load(data, data_path, hierarchy, val_per_class, seed, download)
     if tasks:
@@ -116,14 +146,42 @@ def extract(
     with ProgressBars() as bars:
         for p in PHASES:
             if p in phases:
-                info = run_phase(p, work, splits, plan, bars)
-                console.print(f"{p}: best validation accuracy {_fmt(info['val_acc'])} "
-                              f"({info['seconds']:.0f} s)")
+                try:
+                    info = run_phase(p, work, splits, plan, bars)
+                except OracleError as e:
+                    fail(str(e))
+                if info.get("val_acc"):
+                    console.print(f"{p}: best validation accuracy {_fmt(info['val_acc'])} "
+                                  f"({info['seconds']:.0f} s)")
     if out is not None:
         from poe_core.pool import build_pool_from_work
 
         pool = build_pool_from_work(work, out, splits, fp16_logits=fp16_logits, progress=console.print)
         console.print(f"pool {pool.pool_id} written to {out}")
+
+
+def _triple(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or (flag.endswith("std") and min(values) <= 0):
+        fail(f"{flag} {text!r} is not three numbers R,G,B" + (" above 0" if flag.endswith("std") else ""))
+    return values
+
+
+def _widths(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        widths = sorted({float(v) for v in text.split(",")})
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        fail(f"--expert-widths {text!r} is not a list of positive numbers like 0.25,0.5,1")
+    return widths
 
 
 def _fmt(val_acc: dict) -> str:
@@ -169,23 +227,30 @@ MANY_TASKS = {"allow_extra_args": True, "ignore_unknown_options": False}
 def query(
     ctx: typer.Context,
     pool: Annotated[Path, typer.Option(help="Pool bundle directory.")],
-    tasks: Annotated[list[str], typer.Option("--tasks", "-t", help="Primitive tasks of the composite task.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="Primitive tasks of the composite task.")] = None,
+    classes: Annotated[list[str] | None, typer.Option("--classes", "-c", help="Classes to output (alone or with tasks).")] = None,
+    method: Annotated[str, typer.Option(help="poe (experts) or mask (the library student, restricted).")] = "poe",
     softmax: Annotated[bool, typer.Option(help="Output probabilities instead of logits.")] = False,
     weights: Annotated[str, typer.Option(help="Weight format: fp32, fp16 or int8.")] = "fp32",
+    reject_output: Annotated[bool, typer.Option(help="Add the output `accepted` (the \"none of these\" rule).")] = False,
     ort: Annotated[bool, typer.Option("--ort", help="Write ORT format (onnxruntime-mobile) instead of ONNX.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
 ) -> None:
-    """Assemble the composite model for a task list into an ONNX file (no training)."""
+    """Assemble the model for tasks and/or classes into an ONNX file (no training)."""
+    import json
     import time
 
     from poe_core.assemble import Assembler
+    from poe_core.files import atomic_write
 
     loaded = _pool(pool)
-    names = _validate_tasks(loaded.taxonomy, _split_words(tasks + ctx.args))
+    q = _query(loaded, _split_words((tasks or []) + ctx.args), _split_words(classes or []), method)
     assembler = Assembler(loaded)
     t0 = time.perf_counter()
     try:
-        model = assembler.assemble(names, softmax=softmax, weights=weights)
+        reject = loaded.reject_rule(q, weights)
+        model = assembler.assemble(q, softmax=softmax, weights=weights, reject=reject, reject_output=reject_output)
     except ValueError as e:  # unknown or refused format
         fail(str(e))
     data = model.data
@@ -194,10 +259,34 @@ def query(
 
         data = to_ort(data)
     ms = (time.perf_counter() - t0) * 1000
-    output.write_bytes(data)
-    console.print(f"{output}: {len(model.labels)} classes from {len(names)} experts, {weights} weights, "
-                  f"{loaded.composite_params(names):,} parameters, {len(data):,} bytes, validation accuracy "
-                  f"{loaded.composite_accuracy(names, weights=weights):.2%}, built in {ms:.2f} ms")
+    atomic_write(output, data)
+    summary = {"output": str(output), "pool_id": loaded.pool_id, "method": q.method, "tasks": list(q.tasks),
+               "widths": list(q.widths), "labels": list(model.labels), "weights": weights,
+               "format": "ort" if ort else "onnx", "params": loaded.params(q), "flops": loaded.flops(q),
+               "bytes": len(data), "val_acc": loaded.accuracy(q, weights), "reject": reject.to_dict(),
+               "built_ms": round(ms, 3)}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    # soft_wrap: one line per summary, whatever the width of the terminal or pipe.
+    console.print(f"{output}: {len(model.labels)} classes from {len(q.tasks)} experts ({q.method}), {weights} "
+                  f"weights, {summary['params']:,} parameters, {len(data):,} bytes, validation accuracy "
+                  f"{summary['val_acc']:.2%}, rejects {_fmt_rate(reject.reject_rate_out_of_task)} of other "
+                  f"validation images by {reject.score}, built in {ms:.2f} ms", soft_wrap=True)
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.0%}"
+
+
+def _query(loaded, tasks: list[str], classes: list[str], method: str = "poe"):
+    from poe_core.formats import Unavailable
+    from poe_core.taxonomy import TaskError
+
+    try:
+        return loaded.query(tasks, classes, method=method)
+    except (TaskError, Unavailable) as e:
+        fail(str(e))
 
 
 @app.command("eval", context_settings=MANY_TASKS)
@@ -208,6 +297,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="val (from the cached logits) or test (runs the model).")] = "val",
     data: Annotated[str, typer.Option(help=f"Data source for --split test: {', '.join(SOURCES)}.")] = "cifar100-npy",
     data_path: Annotated[Path | None, typer.Option(help="Data directory for --split test.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")] = False,
 ) -> None:
     """Accuracy of a composite task from a pool, on the validation or the test split."""
     loaded = _pool(pool)
@@ -231,6 +321,12 @@ def evaluate(
         cross = cross_expert_error_share(per_expert, test.y, loaded.taxonomy, names)
     else:
         fail(f"unknown split {split!r}; use val or test")
+    if as_json:
+        import json
+
+        print(json.dumps({"tasks": names, "split": split, "accuracy": acc, "cross_expert_error_share": cross,
+                          "params": loaded.composite_params(names), "flops": loaded.composite_flops(names)}))
+        return
     print(f"{'+'.join(names)}: {split} accuracy {acc:.2%}, cross-expert errors {cross:.0%} of errors, "
           f"{loaded.composite_params(names):,} parameters, {loaded.composite_flops(names):,} FLOPs")
 

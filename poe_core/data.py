@@ -218,18 +218,31 @@ class Normalize:
         return (x.float() - self.mean) / self.std
 
 
-def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding and random horizontal flip, for a whole batch."""
+def random_views(n: int, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """(n, 3) int64 augmentation parameters: crop offsets dy, dx in [0, 2*pad] and flip."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = (torch.rand(n, generator=g) < 0.5).long()
+    return torch.stack([dy, dx, flip], 1)
+
+
+def apply_views(x: torch.Tensor, views: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop each image of (N, C, H, W) after zero padding at its (dy, dx) and flip it
+    if asked; `views` as from `random_views`. The logit bank stores these parameters,
+    so a student sees exactly the view its stored oracle target was computed on."""
     n, c, h, w = x.shape
+    views = views.to(x.device)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    rows = (views[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (views[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, out.flip(3), out)
+    return torch.where(views[:, 2, None, None, None].bool(), out.flip(3), out)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, for a whole batch."""
+    return apply_views(x, random_views(len(x), g, pad), pad)
 
 
 def batches(

@@ -3,6 +3,15 @@
 Every phase leaves its result in a work directory (`<phase>.safetensors` plus
 `<phase>.json` with its figures) and a checkpoint while it runs, so an interrupted
 extraction resumes where it stopped and a finished phase is never trained twice.
+
+The oracle is trained here or brought by the operator (`ExternalOracle`: a kept poe
+oracle or any ONNX classifier); either way the work directory holds it afterwards, so
+a pool can be rebuilt or extended from it. With a view recipe (`ExtractionPlan.bank`)
+the library and expert phases read the oracle's targets from a logit bank instead of
+running the oracle on every batch (see poe_core.bank).
+
+Training modules are imported inside the functions that train: reading a finished
+work directory (`phase_done`, `phase_info`, `load_wrn`) does not import the training stack.
 """
 
 from __future__ import annotations
@@ -10,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,30 +30,16 @@ from poe_core.checkpoint import remove_checkpoint
 from poe_core.data import Splits
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
-from poe_core.train import (
-    PhaseResult,
-    ProgressFn,
-    TrainConfig,
-    train_experts,
-    train_library,
-    train_oracle,
-)
+from poe_core.oracle import Oracle, OracleError, file_sha256, load_onnx_oracle, load_poe_oracle, read_class_list
+from poe_core.recipe import ExternalOracle, ExtractionPlan, Progress, ProgressFn, TrainConfig
+
+__all__ = ["PHASES", "ExtractionPlan", "ExternalOracle", "load_expert_widths", "load_experts", "load_oracle",
+           "load_wrn", "phase_done", "phase_info", "run_phase"]
 
 log = logging.getLogger(__name__)
 
 PHASES = ("oracle", "library", "experts")
-
-
-@dataclass
-class ExtractionPlan:
-    oracle_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 4, 4))
-    library_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 1, 1))
-    expert_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 1, 0.25))
-    oracle_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(label_smoothing=0.1))
-    library_cfg: TrainConfig = field(default_factory=TrainConfig)
-    expert_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.05))
-    tasks: Sequence[str] | None = None  # None: every primitive task of the taxonomy
-    oracle_with_val: bool = False  # train the oracle on the validation images too (see train_oracle)
+ONNX_ORACLE = "oracle.onnx"
 
 
 def _save_phase(work: Path, phase: str, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -52,19 +47,25 @@ def _save_phase(work: Path, phase: str, state: dict[str, torch.Tensor], info: di
     save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.cpu()
                for k, v in state.items()}, str(tmp))
     os.replace(tmp, work / f"{phase}.safetensors")
+    _write_info(work, phase, info)
+
+
+def _write_info(work: Path, phase: str, info: dict) -> None:
     (work / f"{phase}.json.tmp").write_text(json.dumps(info, indent=2))
     os.replace(work / f"{phase}.json.tmp", work / f"{phase}.json")
 
 
 def phase_done(work: Path, phase: str) -> bool:
-    return (work / f"{phase}.json").is_file() and (work / f"{phase}.safetensors").is_file()
+    if not (work / f"{phase}.json").is_file():
+        return False
+    return (work / f"{phase}.safetensors").is_file() or (phase == "oracle" and (work / ONNX_ORACLE).is_file())
 
 
 def phase_info(work: Path, phase: str) -> dict:
     return json.loads((work / f"{phase}.json").read_text())
 
 
-def _figures(result: PhaseResult, cfg: TrainConfig, spec: WRNSpec) -> dict:
+def _figures(result, cfg: TrainConfig, spec: WRNSpec) -> dict:
     return {
         "architecture": spec.to_dict(), "config": cfg.to_dict(), "epochs": result.epochs,
         "precision": resolve_precision(cfg.precision, pick_device(cfg.device).type),
@@ -80,17 +81,65 @@ def load_wrn(work: Path, phase: str, num_classes: int, in_channels: int = 3) -> 
     return model.eval()
 
 
-def load_experts(work: Path, splits: Splits) -> dict[str, ExpertHead]:
+def load_oracle(work: Path, splits: Splits, device: torch.device) -> Oracle:
+    """The work directory's oracle (trained here or brought), as the students see it."""
+    info = phase_info(work, "oracle")
+    if info.get("kind") == "onnx":
+        norm = info["normalization"]
+        return load_onnx_oracle(work / ONNX_ORACLE, splits.taxonomy.classes, info["classes"],
+                                norm["mean"], norm["std"], splits.image_shape)
+    if "normalization" not in info:  # oracles trained before normalisation was recorded
+        info["normalization"] = {"mean": list(splits.mean), "std": list(splits.std)}
+        _write_info(work, "oracle", info)
+    return load_poe_oracle(work / "oracle.safetensors", splits.taxonomy.classes, device)
+
+
+def load_expert_widths(work: Path, splits: Splits) -> dict[float, dict[str, ExpertHead]]:
+    """Every expert of the work directory: head width ks -> task -> head."""
     info = phase_info(work, "experts")
     spec = WRNSpec(**info["architecture"])
     state = load_file(str(work / "experts.safetensors"))
-    library_channels = info["library_channels"]
-    experts = {}
-    for t in info["tasks"]:
-        head = expert_head(spec, library_channels, len(splits.taxonomy.tasks[t]), seed=0)
-        head.load_state_dict({k[len(t) + 1:]: v for k, v in state.items() if k.startswith(t + ".")})
-        experts[t] = head.eval()
-    return experts
+    channels = info["library_channels"]
+    widths = info.get("widths")
+    out: dict[float, dict[str, ExpertHead]] = {}
+    for ks in widths or [spec.ks]:
+        out[ks] = {}
+        for t in info["tasks"]:
+            prefix = f"{t}@{ks:g}." if widths else f"{t}."
+            head = expert_head(WRNSpec(spec.depth, spec.kc, ks), channels, len(splits.taxonomy.tasks[t]), seed=0)
+            head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            out[ks][t] = head.eval()
+    return out
+
+
+def load_experts(work: Path, splits: Splits) -> dict[str, ExpertHead]:
+    """The experts at the default width (the experts phase's architecture ks)."""
+    info = phase_info(work, "experts")
+    return load_expert_widths(work, splits)[info["architecture"]["ks"]]
+
+
+def bring_oracle(work: Path, splits: Splits, external: ExternalOracle) -> dict:
+    """Copy an operator's oracle into the work directory as its oracle phase, after
+    checking it is a classifier over the data set's classes."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = Path(external.path)
+    if not path.is_file():
+        raise OracleError(f"oracle file {path} does not exist")
+    mean = tuple(external.mean or splits.mean)
+    std = tuple(external.std or splits.std)
+    if external.kind == "onnx":
+        classes = read_class_list(Path(external.classes)) if external.classes else list(splits.taxonomy.classes)
+        load_onnx_oracle(path, splits.taxonomy.classes, classes, mean, std, splits.image_shape)
+        shutil.copyfile(path, work / ONNX_ORACLE)
+        info = {"kind": "onnx", "classes": classes, "normalization": {"mean": list(mean), "std": list(std)},
+                "source": path.name, "sha256": file_sha256(path), "val_acc": {}, "seconds": 0.0}
+    else:
+        oracle = load_poe_oracle(path, splits.taxonomy.classes, torch.device("cpu"))
+        info = json.loads(path.with_suffix(".json").read_text())
+        info |= {"kind": "poe-wrn", "source": path.name, "sha256": oracle.fingerprint}
+        shutil.copyfile(path, work / "oracle.safetensors")
+    _write_info(work, "oracle", info)
+    return info
 
 
 def run_phase(
@@ -98,6 +147,8 @@ def run_phase(
     progress: ProgressFn | None = None,
 ) -> dict:
     """Run one phase unless its result is already in `work`; return its figures."""
+    from poe_core import train
+
     work.mkdir(parents=True, exist_ok=True)
     if phase_done(work, phase):
         log.info("%s: already done in %s", phase, work)
@@ -106,31 +157,33 @@ def run_phase(
     in_ch = splits.image_shape[0]
     ckpt = work / f"{phase}.checkpoint"
     if phase == "oracle":
-        model, result = train_oracle(splits, plan.oracle_spec, plan.oracle_cfg, with_val=plan.oracle_with_val,
-                                     checkpoint=ckpt, progress=progress)
+        if plan.oracle is not None:
+            return bring_oracle(work, splits, plan.oracle)
+        model, result = train.train_oracle(splits, plan.oracle_spec, plan.oracle_cfg,
+                                           with_val=plan.oracle_with_val, checkpoint=ckpt, progress=progress)
         info = _figures(result, plan.oracle_cfg, plan.oracle_spec)
-        info |= {"trained_on": "train+val" if plan.oracle_with_val else "train",
+        info |= {"kind": "poe-wrn", "trained_on": "train+val" if plan.oracle_with_val else "train",
                  "normalization": {"mean": list(splits.mean), "std": list(splits.std)}}
         info |= _size(model, splits)
         state = model.state_dict()
     elif phase == "library":
-        oracle = load_wrn(work, "oracle", n_classes, in_ch)
-        model, result = train_library(oracle, splits, plan.library_spec, plan.library_cfg,
-                                      checkpoint=ckpt, progress=progress)
-        info = _figures(result, plan.library_cfg, plan.library_spec)
+        teacher, bank_info = _teacher(work, splits, plan, plan.library_cfg, progress)
+        model, result = train.train_library(teacher, splits, plan.library_spec, plan.library_cfg,
+                                            checkpoint=ckpt, progress=progress)
+        info = _figures(result, plan.library_cfg, plan.library_spec) | bank_info
         info |= _size(model, splits)
         info["library_params"] = count_params(model.library)
         state = model.state_dict()
     elif phase == "experts":
-        oracle = load_wrn(work, "oracle", n_classes, in_ch)
         library = load_wrn(work, "library", n_classes, in_ch).library
         tasks = list(plan.tasks) if plan.tasks else splits.taxonomy.task_names
         splits.taxonomy.validate(tasks)
-        experts, result = train_experts(library, oracle, splits, tasks, plan.expert_spec,
-                                        plan.expert_cfg, checkpoint=ckpt, progress=progress)
-        info = _figures(result, plan.expert_cfg, plan.expert_spec)
-        info |= {"tasks": tasks, "library_channels": library.out_channels}
-        state = {f"{t}.{k}": v for t, head in experts.items() for k, v in head.state_dict().items()}
+        teacher, bank_info = _teacher(work, splits, plan, plan.expert_cfg, progress)
+        experts, result = train.train_experts(library, teacher, splits, tasks, plan.expert_spec, plan.expert_cfg,
+                                              widths=plan.widths, checkpoint=ckpt, progress=progress)
+        info = _figures(result, plan.expert_cfg, plan.expert_spec) | bank_info
+        info |= {"tasks": tasks, "widths": plan.widths, "library_channels": library.out_channels}
+        state = {f"{name}.{k}": v for name, head in experts.items() for k, v in head.state_dict().items()}
     else:
         raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
     info["machine"] = machine_summary(pick_device(plan.oracle_cfg.device))
@@ -139,6 +192,26 @@ def run_phase(
     return info
 
 
+def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig, progress: ProgressFn | None):
+    """What a student phase learns from: the logit bank of the work directory's oracle
+    (built or resumed here), or the oracle module itself when the plan has no bank."""
+    from poe_core.bank import build_bank
+
+    device = pick_device(cfg.device)
+    oracle = load_oracle(work, splits, device)
+    if plan.bank is None:
+        if oracle.module is None:
+            raise OracleError("an ONNX oracle is run through a logit bank: give the plan a view recipe")
+        return oracle.module, {"teacher": "live oracle"}
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress("bank", 1, 1, done, total, 0.0))
+
+    precision = resolve_precision(cfg.precision, device.type)
+    bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision, progress=report)
+    return bank, {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
+
+
 def _size(model: WideResNet, splits: Splits) -> dict:
     return {"params": count_params(model), "flops": count_flops(model.cpu(), splits.image_shape)}
-

@@ -20,61 +20,24 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poe_core.bank import LogitBank
 from poe_core.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from poe_core.data import ImageSet, Normalize, Splits, batches
 from poe_core.device import autocast, pick_device, resolve_precision
 from poe_core.evaluate import accuracy, predict, task_specific_accuracy
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
 from poe_core.nets import BranchedModel, ExpertHead, Library, WideResNet, WRNSpec, expert_head, init_weights
+from poe_core.recipe import Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | step | constant
-    label_smoothing: float = 0.0
-    temperature: float = 4.0
-    alpha: float = 0.3
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (by hardware, see poe_core.device) | fp32 | bf16 | fp16
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Progress:
-    """One report of a running phase; `val_acc` is set at the end of an epoch."""
-
-    phase: str
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float
-    val_acc: float | None = None
-
-    @property
-    def fraction(self) -> float:
-        return ((self.epoch - 1) * self.steps + self.step) / max(1, self.epochs * self.steps)
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
@@ -96,8 +59,11 @@ def _precision(cfg: TrainConfig) -> str:
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        # A warm-up of exactly one step makes OneCycleLR divide by zero (4 steps in all at
+        # 25%); short runs warm up over two steps instead.
+        pct_start = max(0.25, 2 / total) if total >= 3 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, div_factor=10,
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=pct_start, div_factor=10,
             final_div_factor=100, cycle_momentum=False,
         )
     if cfg.schedule == "cosine":
@@ -115,19 +81,24 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 def _fit(
     phase: str,
     trainables: Mapping[str, nn.Module],
-    step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step_loss: StepLoss,
     validate: Callable[[], Mapping[str, float]] | None,
     splits: Splits,
     cfg: TrainConfig,
     checkpoint: Path | None,
     progress: ProgressFn | None,
+    bank: LogitBank | None = None,
 ) -> PhaseResult:
     """Train `trainables` for cfg.epochs and load each one's best-on-validation weights
     (with `validate=None`, for a model that trains on the validation images too, the
-    last epoch's)."""
+    last epoch's). `step_loss(x, y, t)` gets the bank's oracle logits `t` for the batch
+    when training from a logit bank, else None."""
     device = pick_device(cfg.device)
     precision = _precision(cfg)
     params = [p for m in trainables.values() for p in m.parameters()]
@@ -159,11 +130,15 @@ def _fit(
         for m in trainables.values():
             m.train()
         total, count = 0.0, 0
-        data = batches(splits.train, cfg.batch_size, seed=cfg.seed * 100_003 + epoch,
-                       augmented=True, normalize=normalize, device=device, channels_last=True)
-        for step, (x, y) in enumerate(data, 1):
+        seed = cfg.seed * 100_003 + epoch
+        if bank is None:
+            data = ((x, y, None) for x, y in batches(splits.train, cfg.batch_size, seed=seed, augmented=True,
+                                                      normalize=normalize, device=device, channels_last=True))
+        else:
+            data = bank.batches(splits.train, cfg.batch_size, seed=seed, normalize=normalize, device=device)
+        for step, (x, y, t) in enumerate(data, 1):
             with autocast(device, precision):
-                loss = step_loss(x, y)
+                loss = step_loss(x, y, t)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -230,7 +205,7 @@ def train_oracle(
     torch.manual_seed(cfg.seed)
     model = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
 
-    def step_loss(x, y):
+    def step_loss(x, y, _t):
         return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
     if with_val:
@@ -243,23 +218,34 @@ def train_oracle(
     return model, result
 
 
+Teacher = nn.Module | LogitBank
+
+
+def _live(teacher: Teacher, cfg: TrainConfig) -> nn.Module | None:
+    """The oracle module to run on every batch, or None when targets come from a bank."""
+    return None if isinstance(teacher, LogitBank) else _freeze(_prepare(teacher, cfg))
+
+
 def train_library(
-    oracle: nn.Module, splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
+    teacher: Teacher, splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
     checkpoint: Path | None = None, progress: ProgressFn | None = None,
 ) -> tuple[WideResNet, PhaseResult]:
     """A small WRN student by standard KD from the oracle (eq. 1); its conv1..conv3 are
-    the library. Selection by the student's validation top-1."""
+    the library. The oracle's targets come from a logit bank or, given the oracle
+    itself, from running it on every batch. Selection by the student's validation top-1."""
     torch.manual_seed(cfg.seed)
     student = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
-    oracle = _freeze(_prepare(oracle, cfg))
+    oracle = _live(teacher, cfg)
 
-    def step_loss(x, y):
-        with torch.no_grad():
-            teacher = oracle(x)
-        return kd_loss(student(x), teacher, cfg.temperature)
+    def step_loss(x, y, t):
+        if t is None:
+            with torch.no_grad():
+                t = oracle(x)
+        return kd_loss(student(x), t, cfg.temperature)
 
+    bank = teacher if oracle is None else None
     result = _fit("library", {"library": student}, step_loss, _top1(student, "library", splits, cfg),
-                  splits, cfg, checkpoint, progress)
+                  splits, cfg, checkpoint, progress, bank)
     return student, result
 
 
@@ -271,22 +257,35 @@ class HeadTarget:
     classes: tuple[int, ...]
     loss: str = "ckd"
     seed: int = 0
+    ks: float | None = None  # head width; None: the spec's
+
+
+def expert_name(task: str, ks: float) -> str:
+    """The name of a task's expert at head width ks, e.g. `people@0.25`."""
+    return f"{task}@{ks:g}"
 
 
 def train_experts(
-    library: Library, oracle: nn.Module, splits: Splits, tasks: Sequence[str], spec: WRNSpec,
-    cfg: TrainConfig, *, checkpoint: Path | None = None, progress: ProgressFn | None = None,
+    library: Library, teacher: Teacher, splits: Splits, tasks: Sequence[str], spec: WRNSpec,
+    cfg: TrainConfig, *, widths: Sequence[float] | None = None, checkpoint: Path | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
-    """One expert per primitive task by conditional KD, all in one pass (see module doc).
-    An expert's initial weights depend only on the seed and its task's position in the
-    taxonomy, so training it alone or with others gives the same expert."""
+    """One expert per primitive task by conditional KD, all in one pass (see module doc);
+    with `widths`, one per task and width, named `task@ks`, else one at spec.ks named
+    `task`. An expert's initial weights depend only on the seed, its task's position in
+    the taxonomy and its width, so training it alone or with others gives the same expert."""
     names = splits.taxonomy.task_names
-    heads = {t: HeadTarget(splits.taxonomy.tasks[t], "ckd", cfg.seed * 1000 + names.index(t)) for t in tasks}
-    return train_heads(library, oracle, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress)
+    if widths is None:
+        heads = {t: HeadTarget(splits.taxonomy.tasks[t], "ckd", cfg.seed * 1000 + names.index(t)) for t in tasks}
+    else:
+        heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd",
+                                                cfg.seed * 1000 + names.index(t) + 1_000_003 * w, ks)
+                 for w, ks in enumerate(widths) for t in tasks}
+    return train_heads(library, teacher, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress)
 
 
 def train_heads(
-    library: Library, oracle: nn.Module, splits: Splits, heads: Mapping[str, HeadTarget],
+    library: Library, teacher: Teacher, splits: Splits, heads: Mapping[str, HeadTarget],
     spec: WRNSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
@@ -296,9 +295,10 @@ def train_heads(
     ablation; they share the oracle and library forward passes."""
     device = pick_device(cfg.device)
     library = _freeze(_prepare(library, cfg))
-    oracle = _freeze(_prepare(oracle, cfg))
+    oracle = _live(teacher, cfg)
     experts = {
-        name: _prepare(expert_head(spec, library.out_channels, len(h.classes), seed=h.seed), cfg)
+        name: _prepare(expert_head(spec if h.ks is None else WRNSpec(spec.depth, spec.kc, h.ks),
+                                   library.out_channels, len(h.classes), seed=h.seed), cfg)
         for name, h in heads.items()
     }
     columns = {name: torch.tensor(h.classes, device=device) for name, h in heads.items()}
@@ -306,13 +306,14 @@ def train_heads(
     if bad:
         raise ValueError(f"unknown loss(es) {bad}; use ckd, soft or scale")
 
-    def step_loss(x, y):
+    def step_loss(x, y, t):
         with torch.no_grad():
             features = library(x)
-            teacher = oracle(x)
+            if t is None:
+                t = oracle(x)
         total = 0
         for name, head in experts.items():
-            target, out, kind = teacher[:, columns[name]], head(features), heads[name].loss
+            target, out, kind = t[:, columns[name]], head(features), heads[name].loss
             if kind == "scale":
                 total = total + scale_loss(out, target)
             else:
@@ -329,7 +330,8 @@ def train_heads(
             accs[name] = task_specific_accuracy(logits, splits.val.y, heads[name].classes)
         return accs
 
-    result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress)
+    bank = teacher if oracle is None else None
+    result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress, bank)
     return experts, result
 
 
@@ -359,7 +361,7 @@ def train_transfer(
     library = _freeze(_prepare(library, cfg))
     head = _prepare(expert_head(spec, library.out_channels, len(classes), seed=cfg.seed), cfg)
 
-    def step_loss(x, y):
+    def step_loss(x, y, _t):
         with torch.no_grad():
             features = library(x)
         return F.cross_entropy(head(features), y, label_smoothing=cfg.label_smoothing)
@@ -382,7 +384,7 @@ def train_scratch(
     init_weights(model)
     model = _prepare(model, cfg)
 
-    def step_loss(x, y):
+    def step_loss(x, y, _t):
         return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
     result = _fit("scratch", {"scratch": model}, step_loss, _top1(model, "scratch", sub, cfg),

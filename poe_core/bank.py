@@ -1,0 +1,137 @@
+"""The oracle logit bank: the oracle run once over fixed augmented views of every
+training image, its logits stored for the students to read.
+
+In the library and expert phases the oracle (0.39 GFLOPs for a WRN-16-(4,4)) costs
+15-20x more per image than the students it teaches; running it once per view instead
+of once per batch of every epoch is what lets the CPU budget go to the students.
+
+A view is a crop offset and a flip (`poe_core.data.random_views`); view 0 is the plain
+image. The bank stores each view's parameters with the logits, so a student reading
+target (v, i) trains on exactly the image the oracle saw. Each epoch picks a view per
+image at random, seeded by (seed, epoch), so resumed and joint runs stay reproducible.
+
+A bank lives in `<work>/bank-<key>/`, where the key hashes the oracle's weights, the
+images and the view recipe: another oracle or recipe gets another bank. It is written
+in chunks, each flushed before a small state file records it, so an interrupted build
+resumes at the first missing chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poe_core.data import ImageSet, Normalize, apply_views, random_views
+from poe_core.oracle import Oracle
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    views: int = 8
+    pad: int = 4
+    seed: int = 0
+
+    def parameters(self, n: int) -> torch.Tensor:
+        """(views, n, 3) crop offsets and flips; view 0 is the plain image."""
+        out = torch.empty(self.views, n, 3, dtype=torch.int64)
+        out[0] = torch.tensor([self.pad, self.pad, 0])
+        for v in range(1, self.views):
+            out[v] = random_views(n, torch.Generator().manual_seed(self.seed * 7919 + v), self.pad)
+        return out
+
+
+def images_fingerprint(images: ImageSet) -> str:
+    h = hashlib.sha256()
+    h.update(images.x.contiguous().numpy().tobytes())
+    h.update(images.y.numpy().astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def bank_key(oracle: Oracle, images: ImageSet, recipe: ViewRecipe) -> str:
+    doc = {"oracle": oracle.fingerprint, "images": images_fingerprint(images), "recipe": asdict(recipe),
+           "mean": list(oracle.mean), "std": list(oracle.std), "classes": oracle.classes}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LogitBank:
+    """fp16 logits (views, N, C) and the view parameters (views, N, 3), in memory."""
+
+    logits: torch.Tensor
+    views: torch.Tensor
+    recipe: ViewRecipe
+    key: str
+
+    def batches(
+        self, images: ImageSet, batch_size: int, *, seed: int, normalize: Normalize,
+        device: torch.device, channels_last: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Shuffled (x, y, oracle logits) batches: one random stored view per image."""
+        n = len(images)
+        if self.logits.shape[1] != n:
+            raise ValueError(f"the bank holds {self.logits.shape[1]} images, the training set {n}")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        choice = torch.randint(0, self.recipe.views, (n,), generator=g)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            v = choice[idx]
+            x = apply_views(images.x[idx], self.views[v, idx], self.recipe.pad).to(device, non_blocking=True)
+            x = normalize(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, images.y[idx].to(device), self.logits[v, idx].to(device).float()
+
+
+def build_bank(
+    oracle: Oracle, images: ImageSet, recipe: ViewRecipe, work: Path, *, device: torch.device,
+    precision: str = "fp32", progress: Callable[[int, int], None] | None = None,
+) -> LogitBank:
+    """Fill (or resume filling) the bank of `oracle` on `images` in `work`; return it."""
+    key = bank_key(oracle, images, recipe)
+    root = work / f"bank-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    n, c = len(images), len(oracle.classes)
+    views = recipe.parameters(n)
+    state_path = root / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    logits_path = root / "logits.npy"
+    if state is None:
+        np.save(root / "views.npy", views.numpy().astype(np.int16))
+        np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float16, shape=(recipe.views, n, c)).flush()
+        state = {"key": key, "recipe": asdict(recipe), "images": n, "classes": c,
+                 "oracle": oracle.fingerprint, "done": 0}
+        _write_json(state_path, state)
+    store = np.load(logits_path, mmap_mode="r+")
+    units = [(v, s) for v in range(recipe.views) for s in range(0, n, CHUNK)]
+    if state["done"] < len(units):
+        log.info("logit bank %s: %d of %d chunks to compute", key, len(units) - state["done"], len(units))
+    for i in range(state["done"], len(units)):
+        v, s = units[i]
+        x = apply_views(images.x[s:s + CHUNK], views[v, s:s + CHUNK], recipe.pad).to(device)
+        store[v, s:s + CHUNK] = oracle.logits(x, precision).cpu().numpy().astype(np.float16)
+        store.flush()
+        state["done"] = i + 1
+        _write_json(state_path, state)
+        if progress is not None:
+            progress(i + 1, len(units))
+    del store
+    return LogitBank(torch.from_numpy(np.load(logits_path)), views, recipe, key)
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
