@@ -8,11 +8,16 @@ graph of a composite model is the byte concatenation
 
     library fragment + expert fragments in request order + a small tail
 
-where the tail carries the graph's input and output, the Concat (and Softmax) and the
-graph name; the model wraps that graph with a pre-serialized header and the metadata.
-Assembly is therefore a few memory copies, never a torch.onnx.export. Every weight
-format the pool offers (fp32, fp16, int8: see poe_core.formats) has its own fragments,
-all prepared when the Assembler is built.
+where the tail carries the graph's input and outputs, the Concat, the Gather of the
+requested classes when a query names classes (see poe_core.query), the Softmax and the
+"none of these" rule when asked for (see poe_core.reject), and the graph name; the
+model wraps that graph with a pre-serialized header and the metadata. Assembly is
+therefore a few memory copies, never a torch.onnx.export. Every expert width and every
+weight format the pool offers (fp32, fp16, int8: see poe_core.formats) has its own
+fragments, all prepared when the Assembler is built. An expert's names are prefixed by
+its task only, whatever its width: a model holds one width per task, and the tail does
+not depend on the widths. The "mask" method merges the library with the student head
+(prefix "student/") instead of experts.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from poe_core.formats import FORMATS, FormatUnavailable, fp16_weights
-from poe_core.pool import LIBRARY_OUTPUT, Pool
+from poe_core.pool import LIBRARY_OUTPUT, STUDENT, Pool, part_key
+from poe_core.query import Query
+from poe_core.reject import RejectRule, reject_nodes
 
 __all__ = ["AssembledModel", "Assembler", "FormatUnavailable", "prefix_graph"]
 
 GRAPH_FIELD = 7  # ModelProto.graph
 INPUT_NAME = "input"
+ACCEPTED = "accepted"
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class AssembledModel:
     labels: tuple[str, ...]
     output: str  # "logits" or "probabilities"
     weights: str  # "fp32", "fp16" or "int8"
+    widths: tuple[float, ...] = ()  # ks of each task's expert ("poe")
+    method: str = "poe"  # or "mask"
+    reject: RejectRule | None = None
 
 
 def prefix_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
@@ -107,15 +118,20 @@ class Assembler:
         self.pool_version = pool_version
         self._headers: dict[str, bytes] = {}
         self._fragments: dict[str, dict[str, bytes]] = {}
-        fp32 = self._load_parts(pool.manifest["library"]["onnx"],
-                                {t: pool.expert_info(t)["onnx"] for t in pool.tasks})
+        spec = pool.spec
+        sources = {"library": spec.library} | {part_key(t, float(w)): p for t, e in spec.experts.items()
+                                               for w, p in e.widths.items()}
+        if spec.student is not None:
+            sources[STUDENT] = spec.student
+        loaded: dict[str, dict[str, onnx.ModelProto]] = {}
         for weights in FORMATS:
             if not pool.format_info(weights)["available"]:
                 continue
-            parts = fp32 if weights != "int8" else self._load_parts(
-                pool.format_info("int8")["library_onnx"],
-                {t: pool.expert_info(t)["formats"]["int8"]["onnx"] for t in pool.tasks})
-            graphs = self._prefixed(parts)
+            stored = "int8" if weights == "int8" else "fp32"  # fp16 is derived from fp32
+            if stored not in loaded:
+                loaded[stored] = {k: onnx.load_model(str(pool.path(p.files(stored).onnx))) for k, p in sources.items()}
+            parts = loaded[stored]
+            graphs = {k: prefix_graph(part.graph, f"{_prefix(k)}/", _keep(k)) for k, part in parts.items()}
             if weights == "fp16":
                 graphs = {k: fp16_weights(g) for k, g in graphs.items()}
             self._headers[weights] = _header(list(parts.values()))
@@ -124,57 +140,71 @@ class Assembler:
         self._input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                                     ["batch", channels, height, width])
 
-    def _load_parts(self, library: str, experts: dict[str, str]) -> dict[str, onnx.ModelProto]:
-        return {"library": onnx.load_model(str(self.pool.path(library)))} | {
-            task: onnx.load_model(str(self.pool.path(rel))) for task, rel in experts.items()}
-
-    @staticmethod
-    def _prefixed(parts: dict[str, onnx.ModelProto]) -> dict[str, onnx.GraphProto]:
-        features = "library/" + LIBRARY_OUTPUT
-        return {name: prefix_graph(part.graph, f"{name}/",
-                                   {INPUT_NAME: INPUT_NAME, LIBRARY_OUTPUT: features} if name == "library"
-                                   else {LIBRARY_OUTPUT: features})
-                for name, part in parts.items()}
-
     def fragments(self, weights: str) -> dict[str, bytes]:
-        """The serialized, renamed parts in format `weights`, by "library" or task name."""
+        """The serialized, renamed parts in format `weights`, by "library", part key
+        ("<task>@<ks>", see poe_core.pool.part_key) or "student"."""
         self.pool.require_format(weights)
         return self._fragments[weights]
 
-    def assemble(self, tasks: Sequence[str], *, softmax: bool = False, weights: str = "fp32") -> AssembledModel:
-        """The composite model for `tasks` (validated), as ONNX bytes."""
-        tasks = tuple(self.pool.taxonomy.validate(tasks))
-        fragments = self.fragments(weights)
-        labels = tuple(self.pool.taxonomy.classes[c] for c in self.pool.taxonomy.composite_classes(tasks))
+    def assemble(self, query: Query | Sequence[str], *, softmax: bool = False, weights: str = "fp32",
+                 reject: RejectRule | None = None, reject_output: bool = False) -> AssembledModel:
+        """The model answering `query` (a Query from pool.query, or a list of task
+        names), as ONNX bytes. `reject` (from pool.reject_rule) goes into the metadata
+        as poe.reject; `reject_output` also computes it in the graph, as the output
+        `accepted` (one bool per image)."""
+        q = query if isinstance(query, Query) else self.pool.query(query)
+        if reject_output and reject is None:
+            raise ValueError("reject_output needs the query's reject rule (pool.reject_rule(query, weights))")
+        labels = tuple(self.pool.taxonomy.classes[c] for c in q.classes)
         output = "probabilities" if softmax else "logits"
-        graph_bytes = b"".join([fragments["library"], *(fragments[t] for t in tasks),
-                                self._tail(tasks, len(labels), output)])
-        model_bytes = b"".join([
-            self._headers[weights],
-            _varint(GRAPH_FIELD << 3 | 2), _varint(len(graph_bytes)), graph_bytes,
-            self._metadata(tasks, labels, output, weights),
-        ])
-        return AssembledModel(model_bytes, tasks, labels, output, weights)
+        data = b"".join(self._pieces(q, weights, output, reject, reject_output))
+        return AssembledModel(data, q.tasks, labels, output, weights, q.widths, q.method, reject)
 
-    def _tail(self, tasks: Sequence[str], n_classes: int, output: str) -> bytes:
-        tail = onnx.GraphProto(name="poe_" + "+".join(tasks)[:200])
-        logits = "logits"
-        tail.node.append(helper.make_node("Concat", [f"{t}/logits" for t in tasks],
-                                          ["logits"], name="concat", axis=1))
+    def size(self, query: Query, weights: str = "fp32") -> int:
+        """Bytes of the plain model (logits, no reject output) for `query`, without joining them."""
+        return sum(map(len, self._pieces(query, weights, "logits", None, False)))
+
+    def _pieces(self, q: Query, weights: str, output: str, reject: RejectRule | None,
+                reject_output: bool) -> list[bytes]:
+        fragments = self.fragments(weights)
+        heads = [STUDENT] if q.method == "mask" else [part_key(t, w) for t, w in zip(q.tasks, q.widths, strict=True)]
+        graph = [fragments["library"], *(fragments[k] for k in heads),
+                 self._tail(q, output, reject if reject_output else None)]
+        return [self._headers[weights], _varint(GRAPH_FIELD << 3 | 2), _varint(sum(map(len, graph))), *graph,
+                self._metadata(q, output, weights, reject)]
+
+    def _tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
+        taxonomy = self.pool.taxonomy
+        tail = onnx.GraphProto(name=("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200])
+        gather = q.gathers(taxonomy)
+        if q.method == "mask":
+            source = f"{STUDENT}/logits"
+        else:
+            source = "concat" if gather else "logits"
+            tail.node.append(helper.make_node("Concat", [f"{t}/logits" for t in q.tasks], [source],
+                                              name="concat", axis=1))
+        if gather:
+            tail.initializer.append(helper.make_tensor("gather/indices", TensorProto.INT64, [len(q.classes)],
+                                                       list(q.columns(taxonomy))))
+            tail.node.append(helper.make_node("Gather", [source, "gather/indices"], ["logits"], name="gather",
+                                              axis=1))
         if output == "probabilities":
-            tail.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"],
-                                              name="softmax", axis=1))
-            logits = "probabilities"
+            tail.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
         tail.input.append(self._input)
-        tail.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", n_classes]))
+        tail.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(q.classes)]))
+        if reject is not None:
+            nodes, initializers = reject_nodes(reject, "logits", ACCEPTED)
+            tail.node.extend(nodes)
+            tail.initializer.extend(initializers)
+            tail.output.append(helper.make_tensor_value_info(ACCEPTED, TensorProto.BOOL, ["batch"]))
         return tail.SerializeToString()
 
-    def _metadata(self, tasks, labels, output, weights) -> bytes:
+    def _metadata(self, q: Query, output: str, weights: str, reject: RejectRule | None) -> bytes:
         pool = self.pool
         props = {
-            "poe.labels": json.dumps(list(labels)),
-            "poe.tasks": json.dumps(list(tasks)),
-            "poe.task_classes": json.dumps({t: pool.taxonomy.class_names(t) for t in tasks}),
+            "poe.labels": json.dumps([pool.taxonomy.classes[c] for c in q.classes]),
+            "poe.tasks": json.dumps(list(q.tasks)),
+            "poe.task_classes": json.dumps({t: pool.taxonomy.class_names(t) for t in q.tasks}),
             "poe.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "color": "RGB",
                                      "shape": ["batch", *pool.image_shape],
                                      "scale": "pixel / 255, then (x - mean) / std"}),
@@ -184,9 +214,28 @@ class Assembler:
             "poe.weights": weights,
             "poe.pool_id": pool.pool_id,
         }
+        # Keys of the newer capabilities appear only where they say something, so that
+        # a plain query's bytes stay those of earlier pools.
+        if q.method != "poe":
+            props["poe.method"] = q.method
+        if len(pool.widths) > 1 and q.method == "poe":
+            props["poe.widths"] = json.dumps(dict(zip(q.tasks, q.widths, strict=True)))
+        if reject is not None:
+            props["poe.reject"] = reject.to_json()
         if self.pool_version is not None:
             props["poe.pool_version"] = str(self.pool_version)
         meta = onnx.ModelProto()
         for key, value in props.items():
             meta.metadata_props.add(key=key, value=value)
         return meta.SerializeToString()
+
+
+def _prefix(part: str) -> str:
+    """The name prefix of a part in the merged graph: an expert's task, whatever its width."""
+    return part.rsplit("@", 1)[0] if part not in ("library", STUDENT) else part
+
+
+def _keep(part: str) -> dict[str, str]:
+    """The names a part shares with the rest of the graph: the input, the library features."""
+    features = "library/" + LIBRARY_OUTPUT
+    return {INPUT_NAME: INPUT_NAME, LIBRARY_OUTPUT: features} if part == "library" else {LIBRARY_OUTPUT: features}

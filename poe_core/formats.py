@@ -36,7 +36,12 @@ INT8_METHOD = "onnxruntime static QDQ, per-channel int8 weights, int8 activation
 ORT_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 
 
-class FormatUnavailable(ValueError):
+class Unavailable(ValueError):
+    """A capability this pool does not offer (a weight format, expert widths, the mask
+    baseline), with the reason why."""
+
+
+class FormatUnavailable(Unavailable):
     """A weight format this pool does not offer, with the reason why."""
 
 

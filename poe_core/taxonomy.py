@@ -107,6 +107,24 @@ class Taxonomy:
             raise TaskError(f"primitive task(s) listed more than once: {', '.join(duplicates)}")
         return names
 
+    def class_indices(self, names: Iterable[str]) -> list[int]:
+        """Indices of named classes, in the order given; raise TaskError naming the unknown."""
+        if isinstance(names, str):
+            raise TaskError("classes must be a list of class names, not one string")
+        names = list(names)
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise TaskError(f"unknown class(es): {', '.join(map(repr, unknown))}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise TaskError(f"class(es) listed more than once: {', '.join(duplicates)}")
+        return [index[n] for n in names]
+
+    def owner(self, class_index: int) -> str | None:
+        """The primitive task that holds a class, if any."""
+        return next((t for t, members in self.tasks.items() if class_index in members), None)
+
     def composite_classes(self, names: Iterable[str]) -> list[int]:
         """Class indices of a composite task, in the order of its concatenated logits."""
         return [c for n in names for c in self.tasks[n]]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from poe_core.assemble import Assembler, FormatUnavailable
+from poe_core.build import build_pool_from_work, composite_samples, normalised
 from poe_core.evaluate import task_specific_accuracy
 from poe_core.formats import to_ort
-from poe_core.pool import build_pool_from_work, composite_samples, normalised
 
 ALL_TASKS = ["task2", "task0", "task1"]
 
@@ -84,10 +84,12 @@ def test_manifest_records_every_format(pool):
     assert drop["mean"] <= drop["max"]
     assert int8["available"] == (drop["mean"] <= int8["max_mean_drop"]) and int8["max_mean_drop"] == 0.01
     assert abs(formats["fp16"]["val_acc_drop"]["mean"]) < 0.05
-    for entry in pool.manifest["experts"].values():
-        assert 0 <= entry["formats"]["int8"]["val_acc"] <= 1
-        assert 0 <= entry["formats"]["fp16"]["val_acc"] <= 1
-        assert entry["formats"]["int8"]["onnx"] in pool.manifest["files"]
+    for expert in pool.spec.experts.values():
+        for part in expert.widths.values():
+            assert 0 <= part.files("int8").val_acc <= 1
+            assert 0 <= part.files("fp16").val_acc <= 1
+            assert {part.files("int8").onnx, part.files("int8").logits} <= set(pool.spec.files)
+    assert pool.spec.library.files("int8").onnx in pool.spec.files
 
 
 def test_composite_samples_are_all_combinations_or_a_fixed_sample():

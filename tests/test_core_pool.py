@@ -84,12 +84,14 @@ def test_composite_accuracy_from_cached_logits_equals_onnxruntime(pool, syntheti
 
 
 def test_manifest_records_training_and_sizes(pool):
-    m = pool.manifest
-    assert set(m["training"]) == {"oracle", "library", "experts"}
-    assert m["training"]["oracle"]["epochs"] == 3
-    assert set(m["experts"]) == {"task0", "task1", "task2"}
-    assert all(e["params"] > 0 and 0 <= e["val_acc"] <= 1 for e in m["experts"].values())
-    assert "oracle.safetensors" not in m["files"]
+    m = pool.spec
+    assert m.format_version == 3
+    assert set(m.training) == {"oracle", "library", "experts"}
+    assert m.training["oracle"]["epochs"] == 3
+    assert set(m.experts) == {"task0", "task1", "task2"}
+    assert all(e.at().params > 0 and 0 <= e.at().val_acc <= 1 for e in m.experts.values())
+    assert m.student is not None and m.student.params > m.experts["task0"].at().params
+    assert m.oracle is None and "oracle.safetensors" not in m.files
 
 
 def _weight_bytes(model_bytes):

@@ -1,0 +1,68 @@
+"""What a composite model is made of: the resolution of a query into experts and outputs.
+
+A query names primitive tasks, classes, or both. Its model holds the experts of the
+named tasks, in the order given, then the experts that own the named classes not yet
+covered, in order of first mention. It outputs the classes of the named tasks (in
+task order) followed by the other named classes in the order given; when that is not
+the plain concatenation of the experts' logits, a Gather in the ONNX tail picks them.
+The "mask" method (SMART's baseline) answers the same query with the library student's
+own head over all classes, restricted to the query's classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from poe_core.taxonomy import TaskError, Taxonomy
+
+METHODS = ("poe", "mask")
+
+
+@dataclass(frozen=True)
+class Query:
+    tasks: tuple[str, ...]  # the experts, in the order of their concatenated logits
+    widths: tuple[float, ...]  # ks of each task's expert
+    classes: tuple[int, ...]  # class indices the model outputs, in order
+    method: str = "poe"
+
+    def columns(self, taxonomy: Taxonomy) -> tuple[int, ...]:
+        """Where each output class sits in the logits the Gather reads: the experts'
+        concatenated logits ("poe") or the student's logits over all classes ("mask")."""
+        if self.method == "mask":
+            return self.classes
+        position = {c: i for i, c in enumerate(taxonomy.composite_classes(self.tasks))}
+        return tuple(position[c] for c in self.classes)
+
+    def gathers(self, taxonomy: Taxonomy) -> bool:
+        """Whether the model needs a Gather: outputs other than all the experts' logits in order."""
+        return self.method == "mask" or list(self.classes) != taxonomy.composite_classes(self.tasks)
+
+
+def resolve_query(taxonomy: Taxonomy, tasks: Iterable[str] = (), classes: Iterable[str] = (), *,
+                  method: str = "poe", widths: Mapping[str, float] | None = None,
+                  default_width: float = 1.0) -> Query:
+    """The Query for named tasks and/or classes; raise TaskError, naming the culprit, if
+    a task or class is unknown, listed twice, or nothing is asked."""
+    if method not in METHODS:
+        raise TaskError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
+    tasks, classes = list(tasks), list(classes) if not isinstance(classes, str) else classes
+    if not tasks and not classes:
+        raise TaskError("the query is empty: name at least one primitive task or class")
+    tasks = taxonomy.validate(tasks) if tasks else []
+    wanted = taxonomy.class_indices(classes)
+    outputs = taxonomy.composite_classes(tasks)
+    for c in wanted:
+        if c in outputs:
+            continue
+        owner = taxonomy.owner(c)
+        if owner is None:
+            raise TaskError(f"no expert of this pool covers class {taxonomy.classes[c]!r}")
+        if owner not in tasks:
+            tasks.append(owner)
+        outputs.append(c)
+    widths = dict(widths or {})
+    stray = [t for t in widths if t not in tasks]
+    if stray:
+        raise TaskError(f"width(s) given for task(s) not in the query: {', '.join(map(repr, stray))}")
+    return Query(tuple(tasks), tuple(float(widths.get(t, default_width)) for t in tasks), tuple(outputs), method)
