@@ -1,12 +1,17 @@
 // The page: pick primitive tasks, see the composite model's figures (POST /models with
-// Accept: application/json), download it, and run it here with onnxruntime-web.
+// Accept: application/json), download it, and run it here with onnxruntime-web on the
+// user's image or on one of the CIFAR-100 test images shipped under /samples/.
 
 const ORT_URL = "/vendor/ort/ort.wasm.min.mjs";
 const MISSING_ORT = "onnxruntime-web is not installed on this server, so models cannot run in the " +
   "browser (downloads still work). Install it with `npm ci --prefix app/web` and restart the service.";
 
 const $ = (id) => document.getElementById(id);
-const state = { tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null };
+const state = {
+  tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null,
+  truth: null,  // { label, index } of the sample image being run; null for the user's own image
+  samples: null,  // /samples/index.json, or null when the server has none
+};
 
 const percent = (x) => x == null ? "n/a" : `${(x * 100).toFixed(2)} %`;
 const count = (n) => n.toLocaleString("en-US");
@@ -47,7 +52,7 @@ async function loadTasks() {
     label.innerHTML = `<input type="checkbox" name="task"><span class="name"></span>` +
       `<span class="classes"></span><span class="stats"></span>`;
     label.querySelector("input").value = task.name;
-    label.querySelector(".name").textContent = task.name;
+    label.querySelector(".name").append(...breakable(task.name));
     label.querySelector(".classes").textContent = task.classes.join(", ");
     label.querySelector(".stats").textContent =
       `expert ${count(task.params)} params, ${size(task.onnx_bytes)} · accuracy ${percent(task.val_acc)}`;
@@ -64,6 +69,11 @@ async function loadTasks() {
   $("weights").addEventListener("change", refresh);
 }
 
+// Long names such as large_man-made_outdoor_things may wrap after "_" and "-".
+function breakable(name) {
+  return name.split(/(?<=[_-])/).flatMap((part, i) => i ? [document.createElement("wbr"), part] : [part]);
+}
+
 let debounce;
 function refresh() {
   clearTimeout(debounce);
@@ -78,7 +88,11 @@ function showModel(model) {
     $(id).setAttribute("aria-disabled", String(!model));
     if (!model) $(id).removeAttribute("href");
   }
-  if (!model) return;
+  if (!model) {
+    showSamples(null);
+    $("result").hidden = true;
+    return;
+  }
   $("acc").textContent = percent(model.val_acc);
   $("acc").dataset.value = String(model.val_acc);
   $("params").textContent = count(model.params);
@@ -87,6 +101,8 @@ function showModel(model) {
   $("acc-formats").textContent = Object.entries(model.val_acc_by_format)
     .map(([format, acc]) => `${format} ${percent(acc)}`).join(" · ");
   $("labels").textContent = model.labels.join(", ");
+  showClassAccuracy(model);
+  showSamples(model);
   const onnx = new URL(model.download_url, location.href);
   const ortFile = new URL(onnx);
   ortFile.searchParams.set("format", "ort");
@@ -96,6 +112,27 @@ function showModel(model) {
   $("download-ort").textContent = `Download .ort (${model.weights}, mobile)`;
   for (const id of ["download-onnx", "download-ort"]) $(id).setAttribute("download", "");
   if (state.image) predict();
+}
+
+// Per-class validation accuracy as bars, in the model's output order, when the metadata has
+// `val_acc_by_class` ({label: accuracy}); hidden otherwise. Returns whether bars are shown.
+export function showClassAccuracy(model) {
+  const byClass = model?.val_acc_by_class;
+  const labels = byClass ? model.labels.filter((label) => typeof byClass[label] === "number") : [];
+  $("class-acc").replaceChildren(...labels.map((label) => {
+    const acc = byClass[label];
+    const item = document.createElement("li");
+    item.dataset.label = label;
+    item.dataset.value = String(acc);
+    item.innerHTML = `<span class="label"></span><span class="value"></span>` +
+      `<span class="track" aria-hidden="true"><span class="bar"></span></span>`;
+    item.querySelector(".label").append(...breakable(label));
+    item.querySelector(".value").textContent = `${(acc * 100).toFixed(1)} %`;
+    item.querySelector(".bar").style.width = `${acc * 100}%`;
+    return item;
+  }));
+  $("class-acc-box").hidden = !labels.length;
+  return labels.length > 0;
 }
 
 async function describeModel() {
@@ -201,6 +238,7 @@ async function predict() {
     return;
   }
   $("run-status").textContent = "Running…";
+  $("result").hidden = false;
   list.dataset.state = "running";
   try {
     const { ort, session: runner } = await session(model);
@@ -211,6 +249,7 @@ async function predict() {
     const elapsed = performance.now() - started;
     if (state.model !== model) return;  // the selection changed meanwhile; its own run follows
     const best = top5(model, outputs[runner.outputNames[0]].data);
+    showTruth(model, best[0].label);
     list.replaceChildren(...best.map(({ label, p }) => {
       const item = document.createElement("li");
       item.dataset.label = label;
@@ -221,6 +260,7 @@ async function predict() {
       return item;
     }));
     list.dataset.state = "done";
+    $("result").scrollIntoView({ block: "nearest" });
     list.dataset.model = model.id;
     $("run-status").textContent = `Ran ${model.tasks.join(" + ")} (${model.weights}) in ${elapsed.toFixed(1)} ms ` +
       `with onnxruntime-web ${ort.env.versions?.web ?? ""}.`;
@@ -231,24 +271,101 @@ async function predict() {
   }
 }
 
+function showTruth(model, top1) {
+  const truth = state.truth;
+  const line = $("truth");
+  delete line.dataset.correct;
+  if (!truth) {
+    line.textContent = "";
+    return;
+  }
+  const known = model.labels.includes(truth.label);
+  line.textContent = `CIFAR-100 test image ${truth.index}, labelled ${truth.label}: ` + (!known
+    ? "not one of this model's classes."
+    : top1 === truth.label ? "the top-1 class is right." : `the top-1 class is wrong.`);
+  if (known) line.dataset.correct = String(top1 === truth.label);
+}
+
+const DECODE = { colorSpaceConversion: "none", premultiplyAlpha: "none" };
+
+async function useImage(source, truth = null) {
+  try {
+    state.image = await createImageBitmap(source, DECODE);
+  } catch {
+    $("runtime-error").textContent = "This image cannot be decoded by the browser.";
+    return;
+  }
+  state.truth = truth;
+  await predict();
+}
+
 async function useFile(file) {
   if (!file || !file.type.startsWith("image/")) {
     $("runtime-error").textContent = "That is not an image file.";
     return;
   }
+  for (const sample of $("samples").querySelectorAll("[aria-pressed]")) sample.removeAttribute("aria-pressed");
+  await useImage(file);
+}
+
+async function loadSamples() {
   try {
-    state.image = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    const response = await fetch("/samples/index.json");
+    if (response.ok) state.samples = await response.json();
   } catch {
-    $("runtime-error").textContent = "This image cannot be decoded by the browser.";
+    state.samples = null;  // the page works without them
+  }
+  showSamples(state.model);
+}
+
+const sampleUrl = (label, index) =>
+  "/samples/" + state.samples.file.replace("{label}", encodeURIComponent(label)).replace("{index}", index);
+
+// The shipped test images of the model's classes, one group per class in output order.
+function showSamples(model) {
+  const images = state.samples?.images ?? {};
+  const labels = model ? model.labels.filter((label) => images[label]?.length) : [];
+  const box = $("samples");
+  if (box.dataset.labels === labels.join(",")) {
+    $("samples-box").hidden = !labels.length;
     return;
   }
-  await predict();
+  box.dataset.labels = labels.join(",");
+  box.replaceChildren(...labels.map((label) => {
+    const group = document.createElement("figure");
+    group.className = "sample-class";
+    group.innerHTML = "<figcaption></figcaption><div></div>";
+    group.querySelector("figcaption").append(...breakable(label));
+    group.querySelector("div").append(...images[label].map((index, n) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "sample";
+      button.dataset.label = label;
+      button.dataset.index = String(index);
+      const image = document.createElement("img");
+      image.src = sampleUrl(label, index);
+      image.width = image.height = 32;
+      image.alt = `Run on ${label}, test image ${n + 1}`;
+      button.append(image);
+      button.addEventListener("click", async () => {
+        for (const other of box.querySelectorAll("[aria-pressed]")) other.removeAttribute("aria-pressed");
+        button.setAttribute("aria-pressed", "true");
+        await image.decode();
+        await useImage(image, { label, index });
+      });
+      return button;
+    }));
+    return group;
+  }));
+  $("samples-box").hidden = !labels.length;
 }
 
 function setUpTryIt() {
   const input = $("image");
+  const camera = $("camera");
   const drop = $("drop");
   input.addEventListener("change", () => useFile(input.files[0]));
+  camera.addEventListener("change", () => useFile(camera.files[0]));
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (event) => {
@@ -256,10 +373,11 @@ function setUpTryIt() {
     drop.classList.remove("over");
     if (!input.disabled) useFile(event.dataTransfer.files[0]);
   });
-  runtime().then(() => { input.disabled = false; }, () => {
+  runtime().then(() => { input.disabled = camera.disabled = false; }, () => {
     $("runtime-error").textContent = MISSING_ORT;
   });
 }
 
 setUpTryIt();
+loadSamples();
 loadTasks().catch((error) => { $("pool").textContent = `Could not load the tasks: ${error.message}`; });
