@@ -1,12 +1,21 @@
-"""Joint vs. one-at-a-time expert extraction on CIFAR-100: wall time and accuracy.
+"""Extraction speed on CIFAR-100: the logit bank vs. the live oracle, joint vs. one-at-a-time experts.
 
-    python benchmarks/extraction.py --work var/cifar-work [--epochs 1] [--train-images 10000] [--val-images 1000]
+    python benchmarks/extraction.py bank  [--work var/cifar-work] [--train-images 5120] [--views 8]
+    python benchmarks/extraction.py joint  --work var/cifar-work  [--train-images 5120] [--epochs 1]
 
-Takes the oracle and library of a finished extraction work directory (`poe extract`),
-then trains experts for every primitive task by CKD twice for the same number of epochs
-on the same images: all experts in one pass (the oracle and library run once per batch)
-and each expert alone (the paper's loop: oracle and library re-run for every expert).
-Prints both wall times, the speed-up and the mean validation accuracy of both.
+`bank`: one epoch of the library phase (KD of a WRN-16-(1,1) student) and one of the
+experts phase (CKD, 20 experts) with the oracle run on every batch, then the same
+epochs reading the oracle's targets from a logit bank; prints each epoch time, the
+speed-up, and the one-off cost of filling the bank. Timing does not depend on the
+weights, so without a finished work directory it uses freshly initialised networks of
+the shipped architectures (oracle WRN-16-(4,4)).
+
+`joint`: experts for every primitive task by CKD twice for the same epochs on the same
+images: all in one pass (oracle and library run once per batch) and each alone (the
+paper's loop); prints both wall times, the speed-up and both validation accuracies.
+
+Every run prints the machine it ran on first (CPU model, cores, native bf16, the
+precision `auto` chose).
 """
 
 from __future__ import annotations
@@ -17,42 +26,112 @@ from pathlib import Path
 
 import torch
 
-from poe_core.data import load_cifar100_npy
-from poe_core.extract import load_wrn
-from poe_core.nets import WRNSpec
-from poe_core.train import TrainConfig, train_experts
+from poe_core.bank import ViewRecipe, build_bank
+from poe_core.data import Splits, load_cifar100_npy
+from poe_core.device import machine_summary, pick_device, resolve_precision
+from poe_core.extract import load_oracle, load_wrn, phase_done
+from poe_core.nets import WideResNet, WRNSpec
+from poe_core.oracle import from_module
+from poe_core.train import TrainConfig, train_experts, train_library
+
+LIBRARY = WRNSpec(16, 1, 1)
+EXPERT = WRNSpec(16, 1, 0.25)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="extraction work dir with oracle + library")
+    parser.add_argument("mode", choices=["bank", "joint"])
+    parser.add_argument("--work", type=Path, help="extraction work dir with oracle (+ library)")
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/cifar100"))
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-images", type=int, default=10000,
+    parser.add_argument("--train-images", type=int, default=5120,
                         help="train on this many images (a short run measures the ratio)")
     parser.add_argument("--val-images", type=int, default=1000,
-                        help="validate on this many validation images (validation runs once per run)")
+                        help="validate on this many validation images")
     parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--views", type=int, default=8, help="bank: augmented views per image")
     args = parser.parse_args()
 
-    splits = load_cifar100_npy(args.data)
-    keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:args.train_images]
+    device = pick_device()
+    machine = machine_summary(device)
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}, "
+          f"device {machine['device']}, precision auto -> {resolve_precision('auto', device.type)}", flush=True)
+    splits = _subset(load_cifar100_npy(args.data), args.train_images, args.val_images)
+    cfg = TrainConfig(epochs=args.epochs, lr=0.05)
+    if args.mode == "bank":
+        bank_vs_live(args, splits, cfg, device)
+    else:
+        joint_vs_alone(args, splits, cfg)
+
+
+def _subset(splits: Splits, train: int, val: int) -> Splits:
+    keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:train]
     splits.train = splits.train.subset(keep)
-    keep_val = torch.randperm(len(splits.val), generator=torch.Generator().manual_seed(1))[:args.val_images]
+    keep_val = torch.randperm(len(splits.val), generator=torch.Generator().manual_seed(1))[:val]
     splits.val = splits.val.subset(keep_val.sort().values)
+    return splits
+
+
+def _networks(args, splits: Splits, device: torch.device):
+    if args.work is not None and phase_done(args.work, "oracle"):
+        oracle = load_oracle(args.work, splits, device)
+        source = f"oracle of {args.work}"
+    else:
+        torch.manual_seed(0)
+        module = WideResNet(WRNSpec(16, 4, 4), 100).to(device, memory_format=torch.channels_last)
+        oracle = from_module(module, splits.taxonomy.classes, splits.mean, splits.std, "untrained")
+        source = "untrained WRN-16-(4,4) (timing only)"
+    if args.work is not None and phase_done(args.work, "library"):
+        library = load_wrn(args.work, "library", 100).library
+    else:
+        torch.manual_seed(1)
+        library = WideResNet(LIBRARY, 100).library
+    return oracle, library, source
+
+
+def _epoch_seconds(result) -> float:
+    return sum(h["seconds"] for h in result.history) / len(result.history)
+
+
+def bank_vs_live(args, splits: Splits, cfg: TrainConfig, device: torch.device) -> None:
+    oracle, library, source = _networks(args, splits, device)
+    tasks = splits.taxonomy.task_names[:args.tasks]
+    print(f"oracle: {source}; {len(splits.train)} training images, {args.tasks} experts", flush=True)
+    warm = Splits(splits.train.subset(torch.arange(256)), splits.val.subset(torch.arange(100)), None,
+                  splits.taxonomy, splits.mean, splits.std, splits.name)
+    train_library(oracle.module, warm, LIBRARY, cfg)  # one-off kernel set-up out of the timings
+
+    _, live_library = train_library(oracle.module, splits, LIBRARY, cfg)
+    _, live_experts = train_experts(library, oracle.module, splits, tasks, EXPERT, cfg)
+    print(f"live oracle: library epoch {_epoch_seconds(live_library):.1f} s, "
+          f"experts epoch {_epoch_seconds(live_experts):.1f} s", flush=True)
+
+    work = Path(args.work or "var/bench-bank")
+    t0 = time.perf_counter()
+    bank = build_bank(oracle, splits.train, ViewRecipe(args.views), work, device=device,
+                      precision=resolve_precision("auto", device.type))
+    fill = time.perf_counter() - t0
+    _, bank_library = train_library(bank, splits, LIBRARY, cfg)
+    _, bank_experts = train_experts(library, bank, splits, tasks, EXPERT, cfg)
+    print(f"logit bank ({args.views} views, filled once in {fill:.1f} s = "
+          f"{fill / args.views:.1f} s per view): library epoch {_epoch_seconds(bank_library):.1f} s, "
+          f"experts epoch {_epoch_seconds(bank_experts):.1f} s")
+    print(f"speed-up per epoch: library {_epoch_seconds(live_library) / _epoch_seconds(bank_library):.1f}x, "
+          f"experts {_epoch_seconds(live_experts) / _epoch_seconds(bank_experts):.1f}x (target >= 3x)")
+
+
+def joint_vs_alone(args, splits: Splits, cfg: TrainConfig) -> None:
+    if args.work is None:
+        raise SystemExit("joint needs --work with a finished oracle and library (accuracy is compared)")
     oracle = load_wrn(args.work, "oracle", 100)
     library = load_wrn(args.work, "library", 100).library
     tasks = splits.taxonomy.task_names[:args.tasks]
-    spec = WRNSpec(16, 1, 0.25)
-    cfg = TrainConfig(epochs=args.epochs, lr=0.05)
-
-    # Warm-up: the first pass pays one-off kernel compilation (oneDNN bf16); keep it out of both timings.
-    warm = type(splits)(splits.train.subset(torch.arange(256)), splits.val.subset(torch.arange(100)), None,
-                        splits.taxonomy, splits.mean, splits.std, splits.name)
-    train_experts(library, oracle, warm, tasks[:2], spec, cfg)
+    warm = Splits(splits.train.subset(torch.arange(256)), splits.val.subset(torch.arange(100)), None,
+                  splits.taxonomy, splits.mean, splits.std, splits.name)
+    train_experts(library, oracle, warm, tasks[:2], EXPERT, cfg)
 
     t0 = time.perf_counter()
-    _, joint = train_experts(library, oracle, splits, tasks, spec, cfg)
+    _, joint = train_experts(library, oracle, splits, tasks, EXPERT, cfg)
     joint_s = time.perf_counter() - t0
     print(f"joint: {len(tasks)} experts, {args.epochs} epoch(s) on {len(splits.train)} images: "
           f"{joint_s:.1f} s, mean validation accuracy {_mean(joint.best_val_acc):.2%}", flush=True)
@@ -60,7 +139,7 @@ def main() -> None:
     t0 = time.perf_counter()
     alone_acc = {}
     for i, task in enumerate(tasks, 1):
-        _, result = train_experts(library, oracle, splits, [task], spec, cfg)
+        _, result = train_experts(library, oracle, splits, [task], EXPERT, cfg)
         alone_acc |= result.best_val_acc
         print(f"  alone {i}/{len(tasks)} ({task}): {time.perf_counter() - t0:.1f} s so far", flush=True)
     alone_s = time.perf_counter() - t0

@@ -116,7 +116,8 @@ def _fit(
         state = load_checkpoint(checkpoint, map_location=device)
         for n, m in trainables.items():
             m.load_state_dict(state["modules"][n])
-            best_states[n] = state["best_states"][n]
+            # Without validation the best state is the current one and is not stored twice.
+            best_states[n] = _clone_state(m) if state["best_states"] is None else state["best_states"][n]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -170,7 +171,7 @@ def _fit(
             save_checkpoint({
                 "epoch": epoch,
                 "modules": {n: m.state_dict() for n, m in trainables.items()},
-                "best_states": best_states,
+                "best_states": best_states if validate is not None else None,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -93,6 +93,34 @@ def test_resumed_training_equals_uninterrupted(tmp_path, synthetic):
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-5, rtol=1e-4)
 
 
+def test_an_oracle_on_train_and_val_resumes_and_keeps_its_last_epoch(tmp_path, synthetic):
+    from poe_core.checkpoint import load_checkpoint
+
+    plan = tiny_plan()
+    cfg3 = TrainConfig(**(plan.oracle_cfg.to_dict() | {"epochs": 3}))
+    full, full_result = train_oracle(synthetic, plan.oracle_spec, cfg3, with_val=True)
+    assert full_result.best_epoch == {"oracle": 3}
+    assert all(h["val_acc"] is None for h in full_result.history)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_three(p):
+        if p.epoch == 3:
+            raise Stop
+
+    ckpt = tmp_path / "oracle.checkpoint"
+    with pytest.raises(Stop):
+        train_oracle(synthetic, plan.oracle_spec, cfg3, with_val=True, checkpoint=ckpt, progress=stop_in_epoch_three)
+    assert load_checkpoint(ckpt)["best_states"] is None  # the last epoch is the kept one: stored once
+    resumed, _ = train_oracle(synthetic, plan.oracle_spec, cfg3, with_val=True, checkpoint=ckpt)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+    # it saw the validation images: an oracle on train only ends elsewhere
+    train_only, _ = train_oracle(synthetic, plan.oracle_spec, cfg3)
+    assert not torch.equal(train_only.state_dict()["head.fc.weight"], full.state_dict()["head.fc.weight"])
+
+
 def test_progress_reports_rise_to_completion(synthetic):
     plan = tiny_plan(epochs=2)
     seen = []
