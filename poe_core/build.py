@@ -310,7 +310,7 @@ def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
                          int8_max_mean_drop: float = INT8_MAX_MEAN_DROP) -> Pool:
     """Build the pool from a finished extraction work directory (see poe_core.extract):
     the library student (its library and its own head), the experts at every width."""
-    from poe_core.extract import load_experts, load_wrn, phase_done, phase_info
+    from poe_core.extract import load_expert_widths, load_wrn, phase_done, phase_info
 
     work = Path(work)
     missing = [p for p in ("library", "experts") if not phase_done(work, p)]
@@ -319,7 +319,7 @@ def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
     student = load_wrn(work, "library", len(splits.taxonomy.classes), splits.image_shape[0])
     training = {p: phase_info(work, p) for p in ("oracle", "library", "experts") if phase_done(work, p)}
     training |= extra_training or {}
-    return build_pool(out, library=student.library, experts=load_experts(work, splits), student_head=student.head,
+    return build_pool(out, library=student.library, experts=load_expert_widths(work, splits), student_head=student.head,
                       splits=splits, library_spec=WRNSpec(**training["library"]["architecture"]),
                       expert_spec=WRNSpec(**training["experts"]["architecture"]), training=training,
                       fp16_logits=fp16_logits, progress=progress, int8_max_mean_drop=int8_max_mean_drop)

@@ -159,10 +159,15 @@ class Pool:
             return [self.spec.student]
         return [self.part(t, w) for t, w in zip(q.tasks, q.widths, strict=True)]
 
+    def logits_of(self, weights: str = "fp32") -> dict[str, torch.Tensor]:
+        """Every part's validation logits in format `weights`, by part key."""
+        self.require_format(weights)
+        return self.part_logits[weights]
+
     def logits(self, weights: str = "fp32") -> dict[str, torch.Tensor]:
         """Every default-width expert's validation logits in format `weights`, by task."""
-        self.require_format(weights)
-        return {t: self.part_logits[weights][part_key(t, self.default_width)] for t in self.tasks}
+        cached = self.logits_of(weights)
+        return {t: cached[part_key(t, self.default_width)] for t in self.tasks}
 
     @property
     def val_logits(self) -> dict[str, torch.Tensor]:
@@ -170,8 +175,7 @@ class Pool:
 
     def query_logits(self, q: Query, weights: str = "fp32") -> torch.Tensor:
         """The delivered model's logits on every validation image, from the cached parts."""
-        self.require_format(weights)
-        cached = self.part_logits[weights]
+        cached = self.logits_of(weights)
         if q.method == "mask":
             return cached[STUDENT][:, list(q.classes)]
         logits = torch.cat([cached[part_key(t, w)] for t, w in zip(q.tasks, q.widths, strict=True)], dim=1)

@@ -48,3 +48,14 @@ def test_assembled_model_equals_pytorch_and_is_trained(shipped):
     assert np.abs(got - want).max() <= 1e-4
     # Chance is 10% on 10 classes; a trained pool is far above it.
     assert shipped.composite_accuracy(tasks) > 0.6
+
+
+def test_format_2_pool_serves_classes_and_reject_but_says_why_not_mask_or_budgets(shipped):
+    from poe_core.formats import Unavailable
+
+    q = shipped.query(classes=["bicycle", "woman"])
+    assert q.tasks == ("vehicles_1", "people")
+    assert Assembler(shipped).assemble(q, reject=shipped.reject_rule(q)).labels == ("bicycle", "woman")
+    with pytest.raises(Unavailable, match="keeps no library student head"):
+        shipped.query(["people"], method="mask")
+    assert "one width (ks = 0.25)" in shipped.unavailable("widths")
