@@ -101,6 +101,7 @@ def extract(
     batch_size: int = DEFAULT.oracle_cfg.batch_size,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the oracle's loss.")] = DEFAULT.oracle_cfg.label_smoothing,
     schedule: Annotated[str, typer.Option(help="onecycle, cosine, step or constant.")] = DEFAULT.oracle_cfg.schedule,
+    library_kd: Annotated[str, typer.Option(help="Library objective: kd (the paper's) or standardized (KD on z-scored logits).")] = DEFAULT.library_cfg.kd,
     temperature: float = DEFAULT.library_cfg.temperature, alpha: float = DEFAULT.expert_cfg.alpha,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -122,6 +123,8 @@ def extract(
         fail(f"unknown schedule {schedule!r}; use onecycle, cosine, step or constant")
     if precision not in PRECISIONS:
         fail(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if library_kd not in ("kd", "standardized"):
+        fail(f"unknown --library-kd {library_kd!r}; use kd or standardized")
     if bank_views < 0:
         fail("--bank-views must be 0 (no bank) or more")
     common = dict(batch_size=batch_size, schedule=schedule, temperature=temperature, alpha=alpha,
@@ -135,7 +138,7 @@ def extract(
     plan = ExtractionPlan(
         parse_spec(oracle_arch), parse_spec(library_arch), parse_spec(expert_arch),
         TrainConfig(epochs=oracle_epochs, lr=oracle_lr, label_smoothing=label_smoothing, **common),
-        TrainConfig(epochs=library_epochs, lr=library_lr, **common),
+        TrainConfig(epochs=library_epochs, lr=library_lr, kd=library_kd, **common),
         TrainConfig(epochs=expert_epochs, lr=expert_lr, **common),
         tasks, oracle_with_val, _widths(expert_widths),
         ViewRecipe(bank_views, seed=seed) if bank_views else None, external,

@@ -17,8 +17,22 @@ TEMPERATURE = 4.0
 ALPHA = 0.3
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (eq. 1)."""
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Z-score each row of logits (Sun et al., CVPR 2024, "Logit Standardization in KD"):
+    the student matches the teacher's ranking and relative gaps, not its logit range,
+    which a small student cannot reach."""
+    logits = logits.float()
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = TEMPERATURE, standardized: bool = False,
+) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (eq. 1); with
+    `standardized`, on z-scored logits (only for the library: experts must keep the
+    oracle's logit scale, which is what L_scale is for)."""
+    if standardized:
+        student, teacher = standardize(student), standardize(teacher)
     log_p_student = F.log_softmax(student.float() / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)

@@ -29,6 +29,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (by hardware, see poe_core.device) | fp32 | bf16 | fp16
+    kd: str = "kd"  # library phase: kd (eq. 1) | standardized (KD on z-scored logits)
 
     def to_dict(self) -> dict:
         return asdict(self)

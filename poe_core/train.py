@@ -234,6 +234,8 @@ def train_library(
     """A small WRN student by standard KD from the oracle (eq. 1); its conv1..conv3 are
     the library. The oracle's targets come from a logit bank or, given the oracle
     itself, from running it on every batch. Selection by the student's validation top-1."""
+    if cfg.kd not in ("kd", "standardized"):
+        raise ValueError(f"unknown KD objective {cfg.kd!r}; use kd or standardized")
     torch.manual_seed(cfg.seed)
     student = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
     oracle = _live(teacher, cfg)
@@ -242,7 +244,7 @@ def train_library(
         if t is None:
             with torch.no_grad():
                 t = oracle(x)
-        return kd_loss(student(x), t, cfg.temperature)
+        return kd_loss(student(x), t, cfg.temperature, standardized=cfg.kd == "standardized")
 
     bank = teacher if oracle is None else None
     result = _fit("library", {"library": student}, step_loss, _top1(student, "library", splits, cfg),

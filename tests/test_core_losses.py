@@ -46,3 +46,12 @@ def test_soft_loss_ignores_logit_scale_but_scale_loss_does_not():
     shifted = t + 5.0
     assert soft_loss(shifted, t).item() == pytest.approx(0.0, abs=1e-6)
     assert scale_loss(shifted, t).item() == pytest.approx(5.0)
+
+
+def test_standardized_kd_ignores_the_logit_range_but_not_the_ranking():
+    teacher = torch.tensor([[3.0, 0.0, 1.0, -2.0]])
+    squeezed = 0.1 * teacher + 5.0  # same ranking and relative gaps, another range and offset
+    assert kd_loss(squeezed, teacher, 4.0, standardized=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(squeezed, teacher, 4.0).item() > 0.1
+    reordered = teacher[:, [1, 0, 2, 3]]
+    assert kd_loss(reordered, teacher, 4.0, standardized=True).item() > 0.01

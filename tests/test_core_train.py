@@ -167,3 +167,17 @@ def test_heads_can_target_a_composite_task_and_ablation_losses(work_dir, synthet
     with pytest.raises(ValueError, match="unknown loss"):
         train_heads(library, oracle, synthetic, {"x": HeadTarget((0,), "mse")}, plan.expert_spec,
                     plan.expert_cfg)
+
+
+def test_the_library_objective_is_plain_or_standardized_kd(work_dir, synthetic):
+    from poe_core.train import train_library
+
+    plan = tiny_plan(epochs=1)
+    oracle = load_wrn(work_dir, "oracle", 6)
+    cfg = TrainConfig(**(plan.library_cfg.to_dict() | {"kd": "standardized"}))
+    plain, _ = train_library(oracle, synthetic, plan.library_spec, plan.library_cfg)
+    standardized, result = train_library(oracle, synthetic, plan.library_spec, cfg)
+    assert result.epochs == 1
+    assert not torch.equal(plain.head.fc.weight, standardized.head.fc.weight)
+    with pytest.raises(ValueError, match="unknown KD objective"):
+        train_library(oracle, synthetic, plan.library_spec, TrainConfig(**(cfg.to_dict() | {"kd": "dkd"})))
