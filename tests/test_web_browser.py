@@ -1,19 +1,23 @@
 """The page in a real browser: Debian's headless Chromium, driven by Playwright, against a
-live `poe serve` on loopback with the synthetic pool. It picks two tasks, reads the
-accuracy, downloads the model and runs it on an image in the page with onnxruntime-web;
-the page's top-1 must be onnxruntime's top-1 in Python for the same image.
+live `poe serve` on loopback, with the synthetic pool and with the shipped CIFAR-100 pool.
+It picks tasks, reads the accuracy, downloads the model and runs it on an image in the
+page with onnxruntime-web; the page's top-1 must be onnxruntime's top-1 in Python for the
+same image. It also opens /docs and /redoc with every request off loopback refused.
 
 Needs `apt-get install chromium`, `pip install playwright` (never `playwright install`:
 the system Chromium is used) and `npm ci --prefix app/web` (onnxruntime-web)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -21,7 +25,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from app.web import ORT_DIST
+from app.web import ORT_DIST, STATIC
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,15 +43,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, pool):
-    """A live `poe serve --no-worker` with the synthetic pool as its default pool."""
+@contextlib.contextmanager
+def _serve(data: Path, default_pool: str | None):
+    """A live `poe serve --no-worker` on a free loopback port; default_pool None: the shipped one."""
     assert (ORT_DIST / "ort.wasm.min.mjs").exists(), "onnxruntime-web is missing: npm ci --prefix app/web"
-    data = tmp_path_factory.mktemp("web-data")
     port = _free_port()
-    env = dict(os.environ, POE_DATA_DIR=str(data), POE_DEFAULT_POOL=str(pool.root), POE_HOST="127.0.0.1",
+    env = dict(os.environ, POE_DATA_DIR=str(data), POE_HOST="127.0.0.1",
                POE_PORT=str(port), POE_ADMIN_TOKEN="web-test", POE_LOG_LEVEL="warning", OMP_NUM_THREADS="1")
     env.pop("POE_DATABASE_URL", None)
+    env.pop("POE_DEFAULT_POOL", None)
+    if default_pool:
+        env["POE_DEFAULT_POOL"] = default_pool
     log = data / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker"], env=env,
@@ -74,6 +80,20 @@ def server(tmp_path_factory, pool):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pool):
+    """The synthetic pool: its 16x16 classes have no sample images."""
+    with _serve(tmp_path_factory.mktemp("web-data"), str(pool.root)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cifar_server(tmp_path_factory):
+    """The shipped CIFAR-100 pool, whose classes the page's sample images are of."""
+    with _serve(tmp_path_factory.mktemp("web-cifar"), None) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +127,36 @@ def _python_top1(model_bytes: bytes, meta: dict, image: Path) -> tuple[str, floa
     return meta["labels"][int(p.argmax())], float(p.max())
 
 
+def _loopback_only(page) -> list[str]:
+    """Refuse every request that would leave loopback; the list fills with their URLs."""
+    refused: list[str] = []
+
+    def route(r):
+        if urlsplit(r.request.url).hostname in ("127.0.0.1", "localhost", "::1"):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    return refused
+
+
+def _overflowing(page, selector: str) -> list[str]:
+    """The elements matching `selector` whose content is wider than their box."""
+    return page.eval_on_selector_all(
+        selector, "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)")
+
+
 def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool, tmp_path):
     page = browser.new_page(accept_downloads=True, viewport={"width": 390, "height": 844})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    refused = _loopback_only(page)
     page.goto(server + "/")
+    page.locator("#tasks .task").first.wait_for()
+    for empty in ("#figures", "#result", "#samples-box"):  # nothing blank before a choice
+        assert page.locator(empty).is_hidden(), empty
     for task in TASKS:
         page.locator(f'#tasks input[value="{task}"]').check()
     accuracy = page.locator('#acc[data-value]')
@@ -120,6 +165,14 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
                       headers={"Accept": "application/json"}).json()
     assert float(accuracy.get_attribute("data-value")) == pytest.approx(pool.composite_accuracy(TASKS))
     assert accuracy.inner_text() == f"{meta['val_acc'] * 100:.2f} %"
+    bars = page.locator("#class-acc li")
+    if "val_acc_by_class" in meta:
+        assert page.locator("#class-acc-box").is_visible()
+        shown = {bar.get_attribute("data-label"): float(bar.get_attribute("data-value")) for bar in bars.all()}
+        assert shown == pytest.approx(meta["val_acc_by_class"]) and len(shown) == len(meta["labels"])
+    else:
+        assert page.locator("#class-acc-box").is_hidden() and bars.count() == 0
+    assert page.locator("#samples-box").is_hidden()  # no sample images of the synthetic classes
 
     with page.expect_download() as download:
         page.locator("#download-onnx").click()
@@ -131,9 +184,92 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
     page.locator("#image").set_input_files(image)
     page.locator('#top5[data-state="done"]').wait_for(timeout=30_000)
     assert page.locator("#runtime-error").inner_text() == ""
+    assert page.locator("#result").is_visible() and page.locator("#truth").is_hidden()
     first = page.locator("#top5 li").first
     label, probability = _python_top1(model_bytes, meta, image)
     assert first.get_attribute("data-label") == label
     assert float(first.locator(".p").inner_text().removesuffix(" %")) == pytest.approx(probability * 100, abs=0.011)
     assert page.locator("#top5 li").count() == min(5, len(meta["labels"]))
+    assert not errors and not refused
+
+
+def test_class_accuracy_bars_follow_the_metadata(server, browser):
+    """The page's own drawing function, on a model with and without `val_acc_by_class`."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/")
+    page.locator("#tasks .task").first.wait_for()
+    page.evaluate("document.getElementById('figures').hidden = false")
+    model = {"labels": ["bridge", "large_man-made_thing", "castle"],
+             "val_acc_by_class": {"castle": 0.86, "bridge": 0.0, "large_man-made_thing": 1.0}}
+    draw = "async (model) => (await import('/app.js')).showClassAccuracy(model)"
+    assert page.evaluate(draw, model) is True
+    bars = page.locator("#class-acc li")
+    assert [bar.get_attribute("data-label") for bar in bars.all()] == model["labels"]  # the output order
+    assert bars.nth(2).locator(".value").inner_text() == "86.0 %"
+    assert page.locator("#class-acc-box").is_visible()
+    track = bars.nth(1).locator(".track").bounding_box()["width"]
+    widths = [bar.locator(".bar").bounding_box()["width"] / track for bar in bars.all()]
+    assert widths == pytest.approx([0.0, 1.0, 0.86], abs=0.01)
+    assert page.evaluate(draw, {"labels": ["bridge"], "val_acc_by_format": {"fp32": 0.5}}) is False
+    assert page.locator("#class-acc-box").is_hidden() and bars.count() == 0
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_samples_run_in_one_click_on_the_cifar_pool(cifar_server, browser, width, tmp_path):
+    """Long CIFAR-100 task names stay in their cards; a shipped test image runs in one click
+    and the page's top-1 is onnxruntime's in Python on the same PNG."""
+    tasks = ["large_omnivores_and_herbivores", "people"]
+    mobile = width < 500
+    context = browser.new_context(viewport={"width": width, "height": 900}, is_mobile=mobile, has_touch=mobile)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    refused = _loopback_only(page)
+    page.goto(cifar_server + "/")
+    page.locator('#tasks input[value="large_man-made_outdoor_things"]').wait_for()
+    assert _overflowing(page, "#tasks .task") == [] and _overflowing(page, "#tasks .name") == []
+    camera = page.locator("#camera")
+    assert camera.get_attribute("capture") == "environment" and camera.get_attribute("accept") == "image/*"
+    assert page.locator(".camera").is_visible() == mobile  # a phone's camera; a desktop drops files
+    for task in tasks:
+        page.locator(f'#tasks input[value="{task}"]').check()
+    page.locator("#acc[data-value]").wait_for()
+    meta = httpx.post(f"{cifar_server}/models", json={"tasks": tasks}, headers={"Accept": "application/json"}).json()
+    index = json.loads((STATIC / "samples" / "index.json").read_text())
+    samples = page.locator("#samples .sample")
+    samples.first.wait_for()
+    assert samples.count() == sum(len(index["images"][label]) for label in meta["labels"])
+    assert _overflowing(page, ".sample-class") == []
+
+    sample = page.locator('#samples .sample[data-label="woman"]').first
+    test_index = sample.get_attribute("data-index")
+    sample.click()
+    page.locator('#top5[data-state="done"]').wait_for(timeout=30_000)
+    assert sample.get_attribute("aria-pressed") == "true"
+    png = STATIC / "samples" / f"woman-{test_index}.png"
+    label, probability = _python_top1(httpx.get(urljoin(cifar_server, meta["download_url"])).content, meta, png)
+    first = page.locator("#top5 li").first
+    assert first.get_attribute("data-label") == label
+    assert float(first.locator(".p").inner_text().removesuffix(" %")) == pytest.approx(probability * 100, abs=0.011)
+    truth = page.locator("#truth")
+    assert truth.inner_text().startswith(f"CIFAR-100 test image {test_index}, labelled woman")
+    assert truth.get_attribute("data-correct") == str(label == "woman").lower()
+    assert not errors and not refused
+    context.close()
+
+
+def test_api_docs_work_without_internet(server, browser):
+    """/docs (Swagger UI) and /redoc list the operations with every non-loopback request refused."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    refused = _loopback_only(page)
+    page.goto(server + "/docs")
+    page.locator(".opblock-summary-path").first.wait_for(timeout=30_000)
+    paths = set(page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)"))
+    assert {"/models", "/tasks", "/admin/extractions"} <= paths, paths
+    page.goto(server + "/redoc")
+    page.get_by_text("/admin/extractions").first.wait_for(timeout=30_000)
+    assert page.locator("[data-section-id^='tag/']").count() > 0 or page.get_by_text("POST").count() > 0
+    assert not refused, refused
     assert not errors

@@ -58,5 +58,7 @@ def test_service_docs_load_only_from_the_service():
         assert url in docs
         assert client.get(url).status_code == 200
     assert "/vendor/redoc/redoc.standalone.js" in client.get("/redoc").text
+    for path in ("/docs", "/redoc"):  # what the bundles themselves ask of other hosts is refused
+        assert "default-src 'self'" in client.get(path).headers["content-security-policy"]
     assert client.get("/vendor/redoc/redoc.standalone.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/docs/oauth2-redirect").status_code == 200

@@ -26,6 +26,11 @@ SWAGGER_DIST = NODE_MODULES / "swagger-ui-dist"
 REDOC_DIST = NODE_MODULES / "redoc" / "bundles"
 INSTALL = "run `npm ci --prefix app/web` and restart"
 
+# The docs pages may load from this origin only: ReDoc's bundle asks cdn.redoc.ly for its
+# logo (and hides it when refused), and no request of the docs should leave the machine.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:")
+
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
 FAVICON_URL = "/favicon.svg"
@@ -53,6 +58,11 @@ def _missing_docs(package: str, openapi_url: str) -> HTMLResponse:
         f'<a href="{openapi_url}">{openapi_url}</a>.</p>', status_code=503)
 
 
+def _local_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
 def mount_docs(app: FastAPI) -> None:
     """Swagger UI at /docs and ReDoc at /redoc, their scripts served by the app itself."""
     if app.docs_url is not None or app.redoc_url is not None:
@@ -69,12 +79,12 @@ def mount_docs(app: FastAPI) -> None:
     def swagger_ui() -> HTMLResponse:
         if not swagger:
             return _missing_docs("swagger-ui-dist", openapi_url)
-        return get_swagger_ui_html(
+        return _local_only(get_swagger_ui_html(
             openapi_url=openapi_url, title=f"{title} - Swagger UI", oauth2_redirect_url=oauth2_redirect_url,
             swagger_js_url="/vendor/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url="/vendor/swagger-ui/swagger-ui.css", swagger_favicon_url=FAVICON_URL,
             # the online validator would send the schema's URL to a third party
-            swagger_ui_parameters={"validatorUrl": None})
+            swagger_ui_parameters={"validatorUrl": None}))
 
     @app.get(oauth2_redirect_url, include_in_schema=False)
     def swagger_ui_redirect() -> HTMLResponse:
@@ -84,9 +94,9 @@ def mount_docs(app: FastAPI) -> None:
     def redoc_ui() -> HTMLResponse:
         if not redoc:
             return _missing_docs("redoc", openapi_url)
-        return get_redoc_html(openapi_url=openapi_url, title=f"{title} - ReDoc",
-                              redoc_js_url="/vendor/redoc/redoc.standalone.js", redoc_favicon_url=FAVICON_URL,
-                              with_google_fonts=False)
+        return _local_only(get_redoc_html(
+            openapi_url=openapi_url, title=f"{title} - ReDoc", redoc_js_url="/vendor/redoc/redoc.standalone.js",
+            redoc_favicon_url=FAVICON_URL, with_google_fonts=False))
 
 
 def mount(app: FastAPI) -> None:
