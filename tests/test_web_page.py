@@ -29,6 +29,18 @@ def test_missing_npm_packages_are_a_clear_404(monkeypatch, tmp_path):
             assert r.status_code == 503 and "npm ci --prefix app/web" in r.text and "/openapi.json" in r.text
 
 
+def test_page_links_its_favicon_and_serves_the_samples():
+    with TestClient(_bare()) as client:
+        page = client.get("/").text
+        assert '<link rel="icon" href="/favicon.svg" type="image/svg+xml">' in page
+        assert 'capture="environment"' in page
+        assert client.get("/favicon.svg").headers["content-type"] == "image/svg+xml"
+        index = client.get("/samples/index.json").json()
+        label, ids = next(iter(index["images"].items()))
+        image = client.get("/samples/" + index["file"].format(label=label, index=ids[0]))
+        assert image.headers["content-type"] == "image/png"
+
+
 def test_docs_need_fastapis_own_docs_off():
     with pytest.raises(ValueError, match="docs_url=None"):
         web.mount(FastAPI())
