@@ -350,7 +350,12 @@ function showSamples(model) {
       button.addEventListener("click", async () => {
         for (const other of box.querySelectorAll("[aria-pressed]")) other.removeAttribute("aria-pressed");
         button.setAttribute("aria-pressed", "true");
-        await image.decode();
+        try {
+          await image.decode();
+        } catch {
+          $("runtime-error").textContent = `The sample image ${image.src} could not be loaded.`;
+          return;
+        }
         await useImage(image, { label, index });
       });
       return button;
