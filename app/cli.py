@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,28 +36,39 @@ def _services(default_pool: bool = False):
     return Services.start(_settings(), default_pool=default_pool)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (POE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (POE_PORT).")] = None,
-    worker: Annotated[bool, typer.Option(help="Start one `poe worker` beside the server.")] = True,
-    workers: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers).")] = 1,
+    worker: Annotated[bool, typer.Option(help="Run one `poe worker` beside the server (restarted if it dies).")] = True,
+    workers: Annotated[int | None, typer.Option(min=1, help="API processes (uvicorn workers); default one per CPU core.")] = None,
 ) -> None:
     """Run the API (uvicorn) and one worker on the embedded default (SQLite + blobs in POE_DATA_DIR)."""
     import uvicorn
 
+    from app.jobs.supervisor import Supervisor
     from app.main import create_app
     from app.services import Services, admin_token
 
+    workers = workers or _cores()
+    if worker:
+        # Every API process (uvicorn's children read the environment) reports a dead worker in /ready.
+        os.environ["POE_REQUIRE_WORKER"] = "true"
     settings = _settings(host=host, port=port)
     # Migrate and import the default pool here, once, before the worker starts polling.
     Services.start(settings).close()
     if admin_token(settings) and not settings.admin_token:
         console.print(f"admin token: in {settings.admin_token_file.resolve()}")
-    child = None
+    supervisor = None
     if worker:
-        child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--exit-with", str(os.getpid())])
-    console.print(f"serving on http://{settings.host}:{settings.port} (API docs at /docs)")
+        supervisor = Supervisor([sys.executable, "-m", "app.cli", "worker", "--exit-with", str(os.getpid())])
+        supervisor.start()
+    console.print(f"serving on http://{settings.host}:{settings.port} with {workers} API process(es) "
+                  "(API docs at /docs)")
     # uvicorn re-raises the SIGTERM it handled once it has shut down; exit cleanly
     # through the finally below instead, so the worker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -68,12 +78,8 @@ def serve(
         uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower())
     finally:
-        if child is not None:
-            child.terminate()
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if supervisor is not None:
+            supervisor.stop()
 
 
 @app.command("worker")
@@ -146,9 +152,10 @@ def pool_list() -> None:
 
 
 @pool_app.command("activate")
-def pool_activate(version: int) -> None:
+def pool_activate(version: Annotated[int, typer.Argument(min=1, max=2**31 - 1)]) -> None:
     """Serve pool VERSION (it is loaded and verified first)."""
-    from app.store.pools import PoolNotFound, PoolUnavailable, activate_pool
+    from app.serving.registry import PoolUnavailable
+    from app.store.pools import PoolNotFound, activate_pool
 
     services = _services()
     try:

@@ -7,23 +7,25 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.services import Services
+from app.serving.registry import ServedPool
 from app.settings import Settings
-from app.store.pools import ServedPool
 
 
-def get_services(request: Request) -> Services:
+# async: FastAPI would run a plain function in a worker thread, a hop per request.
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
@@ -32,12 +34,17 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
         yield session
 
 
-def get_served_pool(services: ServicesDep) -> ServedPool:
-    """The active pool version, taken once: the whole request is served from it."""
-    return services.pools.active()
+async def get_served_pool(services: ServicesDep) -> ServedPool:
+    """The active pool version, taken once: the whole request is served from it. Known in
+    memory almost always; a thread reads the database or loads the pool otherwise."""
+    pools = services.serving.pools
+    return pools.active_if_fresh() or await run_in_threadpool(pools.active)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+# Ids of rows (jobs, pool versions) are 32-bit integer columns: larger ones name nothing,
+# and must not reach PostgreSQL, which refuses them with an error.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ServedPoolDep = Annotated[ServedPool, Depends(get_served_pool)]
 

@@ -7,10 +7,13 @@ import logging
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from app.jobs.extraction import ExtractionRejected, ReuseUnavailable
+from app.jobs.admission import ExtractionRejected, ReuseUnavailable
 from app.jobs.queue import JobConflict
-from app.store.pools import PoolNotFound, PoolUnavailable
+from app.serving.models import ServerBusy
+from app.serving.registry import PoolUnavailable
+from app.store.pools import PoolNotFound
 from poe_core.formats import FormatUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,15 @@ STATUS = {
     ExtractionRejected: 422,
     FormatUnavailable: 422,
     PoolUnavailable: 503,
+    ServerBusy: 503,
 }
 
 
 def install(app: FastAPI) -> None:
     for error, status in STATUS.items():
         app.add_exception_handler(error, _answer(status))
+    for error in (OperationalError, InterfaceError):  # connection-level failures
+        app.add_exception_handler(error, _database_down)
     app.add_exception_handler(Exception, _unexpected)
 
 
@@ -54,6 +60,14 @@ def _answer(status: int):
         return JSONResponse(body, status_code=status, headers=headers)
 
     return handler
+
+
+async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
+    """The database failed under us (connection cut, server restarting): a 503 to retry,
+    not a 500; reads were already retried once on a fresh connection."""
+    log.error("%s %s: database error: %s", request.method, request.url.path, type(exc.orig).__name__)
+    return JSONResponse({"detail": "the database is unavailable; retry shortly"}, status_code=503,
+                        headers={"Retry-After": "5"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import errors, web
 from app.api import admin, health, models, tasks
+from app.jobs.queue import recover_stale
 from app.services import Services, admin_token
 from app.settings import Settings
 
@@ -22,13 +23,28 @@ small ONNX model for it, assembled in milliseconds from a pool of distilled expe
 Admins run extractions (oracle -> library -> experts) as jobs and activate pool versions."""
 
 
-async def _flush_hits(services: Services) -> None:
+async def _every(seconds: float, work, what: str) -> None:
+    """Run `work` on a thread every `seconds`, logging (not raising) its failures."""
     while True:
-        await asyncio.sleep(services.settings.stats_flush_seconds)
+        await asyncio.sleep(seconds)
         try:
-            await run_in_threadpool(services.models.flush_hits)
+            await run_in_threadpool(work)
         except Exception:
-            log.exception("writing model hit counts failed")
+            log.exception("%s failed", what)
+
+
+def _background(services: Services) -> list:
+    """The periodic work of an API process: request counts to the database; the active
+    pool version refreshed ahead of its TTL, so requests never wait for SQL; and stale
+    jobs recovered, so a dead worker's job is queued again even when no worker polls."""
+    settings = services.settings
+    work = [(settings.stats_flush_seconds, services.serving.flush_counts, "writing request counts"),
+            (settings.stale_seconds / 2, lambda: recover_stale(services.db, settings.stale_seconds,
+                                                                settings.job_max_attempts),
+             "recovering stale jobs")]
+    if settings.active_pool_ttl > 0:
+        work.append((settings.active_pool_ttl / 2, services.serving.pools.refresh, "reading the active pool"))
+    return work
 
 
 @asynccontextmanager
@@ -37,13 +53,15 @@ async def lifespan(app: FastAPI):
     services = await run_in_threadpool(Services.start, settings)
     app.state.services = services
     app.state.admin_token = admin_token(settings)
-    flusher = asyncio.create_task(_flush_hits(services))
+    periodic = [asyncio.create_task(_every(*work)) for work in _background(services)]
     try:
         yield
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in periodic:
+            task.cancel()
+        for task in periodic:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await run_in_threadpool(services.close)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,9 +40,11 @@ class ModelOptions(Strict):
 
 
 class ModelRequest(Strict):
-    tasks: list[str] = Field(description="Primitive task names; the composite task is their union. "
-                                         "Order does not matter: outputs follow the sorted task order.",
-                             examples=[["people", "vehicles_1"]])
+    # uniqueItems is said, and checked with the task names against the pool (422).
+    tasks: list[str] = Field(min_length=1, description="Primitive task names; the composite task is their "
+                                                       "union. Order does not matter: outputs follow the "
+                                                       "sorted task order.",
+                             examples=[["people", "vehicles_1"]], json_schema_extra={"uniqueItems": True})
     options: ModelOptions = Field(default_factory=ModelOptions)
 
 
@@ -109,6 +111,7 @@ class Readiness(BaseModel):
     ready: bool
     database: bool
     pool_version: int | None = None
+    workers: int | None = Field(None, description="Workers alive (polling the job queue).")
     reasons: list[str] = []
 
 
@@ -134,13 +137,36 @@ class PhaseOptions(Strict):
     lr: float = Field(gt=0, le=10)
 
 
-class DataSource(Strict):
-    source: Literal[SOURCES]
-    path: str | None = Field(None, description="Data directory under one of POE_DATA_ROOTS.")
-    hierarchy: str | None = Field(None, description="image-folder only: task -> classes JSON, under "
-                                                    "one of POE_DATA_ROOTS.")
+# A path the file system can take: no NUL byte.
+DataPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+FILE_SOURCES = tuple(s for s in SOURCES if s not in ("synthetic", "image-folder"))
+
+
+class DataOptions(Strict):
     val_per_class: int = Field(50, ge=1, le=10000)
     seed: int = 0
+
+
+class SyntheticData(DataOptions):
+    source: Literal["synthetic"]
+    path: DataPath | None = Field(None, description="Ignored: the toy set is generated.")
+    hierarchy: DataPath | None = Field(None, description="Ignored.")
+
+
+class FileData(DataOptions):
+    source: Literal[FILE_SOURCES]
+    path: DataPath = Field(description="Data directory under one of POE_DATA_ROOTS.")
+    hierarchy: DataPath | None = Field(None, description="Ignored by this source.")
+
+
+class ImageFolderData(DataOptions):
+    source: Literal["image-folder"]
+    path: DataPath = Field(description="Data directory (train/<class>/*) under one of POE_DATA_ROOTS.")
+    hierarchy: DataPath = Field(description="Task -> class names JSON, under one of POE_DATA_ROOTS.")
+
+
+# Each source with the fields it needs, so what the schema allows is what is accepted.
+DataSource = Annotated[SyntheticData | FileData | ImageFolderData, Field(discriminator="source")]
 
 
 class ExtractionRequest(Strict):
@@ -148,8 +174,9 @@ class ExtractionRequest(Strict):
     oracle: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=4, ks=4), epochs=15, lr=0.1)
     library: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=1), epochs=15, lr=0.1)
     experts: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=0.25), epochs=10, lr=0.05)
-    tasks: list[str] | None = Field(None, description="Primitive tasks to train experts for; "
-                                                      "default all of the data set's.")
+    tasks: list[str] | None = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},
+                                    description="Primitive tasks to train experts for; "
+                                                "default all of the data set's.")
     reuse: Literal["none", "oracle", "library"] = Field(
         "none", description="none: train everything; oracle: reuse the active pool's oracle; "
                             "library: reuse its oracle and library, train experts only.")
@@ -163,10 +190,13 @@ class ExtractionRequest(Strict):
     activate: bool = Field(True, description="Activate the new pool version when the job succeeds.")
 
 
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
 class JobOut(BaseModel):
     id: int
     kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float = Field(description="Percent done, 0..100.")
     phase: str | None
     attempts: int
@@ -192,6 +222,8 @@ class PoolOut(BaseModel):
     tasks: list[str]
     dataset: dict
     reusable: list[str] = Field(description="Phases a new extraction can reuse from this pool.")
+    requests: dict[str, int] = Field(description="Served queries per primitive task (a query counts for "
+                                                 "each of its tasks).")
 
 
 class Error(BaseModel):

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
+from app.files import atomic_write
+from app.serving import Serving
+from app.serving.registry import PoolRegistry
 from app.settings import Settings
 from app.store import db as store_db
-from app.store.assembled import ModelCache
 from app.store.blobs import BlobStore
 from app.store.db import Database
-from app.store.pools import PoolRegistry, import_default_pool
+from app.store.pools import import_default_pool
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,12 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
         self.blobs = BlobStore(settings.blob_dir)
-        self.pools = PoolRegistry(self.db, self.blobs, settings.pools_dir, ttl=settings.active_pool_ttl)
-        self.models = ModelCache(self.db, self.blobs, self.pools, settings.model_cache_bytes)
+        self.serving = Serving(settings, self.db, self.blobs)
+
+    @property
+    def pools(self) -> PoolRegistry:
+        """The pool versions loaded for serving (app.serving's registry)."""
+        return self.serving.pools
 
     @classmethod
     def start(cls, settings: Settings, *, default_pool: bool = True) -> Services:
@@ -39,8 +43,7 @@ class Services:
         return services
 
     def close(self) -> None:
-        self.models.flush_hits()
-        self.models.writer.close()
+        self.serving.close()
         self.db.dispose()
 
 
@@ -52,18 +55,8 @@ def admin_token(settings: Settings) -> str | None:
     if not settings.embedded:
         return None
     path: Path = settings.admin_token_file
-    if not path.exists():
-        # Written whole under a temporary name, then linked into place: a process that
-        # starts at the same moment reads either no file or the complete token.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin-token.")
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        try:
-            os.link(tmp, path)
-            log.warning("generated an admin token: it is in %s (readable by this user only)",
-                        path.resolve())
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    # Never replaced: a process that starts at the same moment reads either no file or
+    # the complete token, and both use the one that was linked first.
+    if not path.exists() and atomic_write(path, (secrets.token_urlsafe(32) + "\n").encode(), replace=False):
+        log.warning("generated an admin token: it is in %s (readable by this user only)", path.resolve())
     return path.read_text().strip() or None

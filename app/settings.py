@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0)
     stale_seconds: float = Field(60.0, gt=0, description="A running job silent this long is stale.")
     job_max_attempts: int = Field(2, ge=1, description="Runs of a job, resumes after a dead worker included.")
+    require_worker: bool = Field(False, description="/ready fails while no worker is alive (`poe serve` "
+                                                    "sets it when it runs one).")
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                                   description="Base URL of download links; default relative links.")
 
     @field_validator("data_roots", mode="before")
     @classmethod

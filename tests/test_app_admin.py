@@ -75,8 +75,10 @@ def test_queue_and_cancel_a_job(client):
 @pytest.mark.parametrize("body, status, message", [
     ({"data": {"source": "cifar100-npy", "path": "/etc"}}, 422, "not an existing file or directory under"),
     ({"data": {"source": "cifar100-npy", "path": "../../.."}}, 422, "allowed data roots"),
-    ({"data": {"source": "cifar100-npy"}}, 422, "needs a path"),
-    ({"data": {"source": "imagenet"}}, 422, "Input should be"),
+    ({"data": {"source": "cifar100-npy"}}, 422, "Field required"),
+    ({"data": {"source": "image-folder", "path": "x"}}, 422, "Field required"),
+    (SYNTHETIC | {"tasks": []}, 422, "at least 1 item"),
+    ({"data": {"source": "imagenet"}}, 422, "does not match any of the expected tags"),
     (SYNTHETIC | {"tasks": ["task9"]}, 422, "unknown primitive task(s): 'task9'"),
     (SYNTHETIC | {"oracle": {"arch": {"depth": 12, "kc": 1, "ks": 1}, "epochs": 1, "lr": 0.1}}, 422, "6n+4"),
     (SYNTHETIC | {"batch_size": 0}, 422, "greater than or equal to 1"),

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from service_fixtures import slow_assembly
-from sqlalchemy import func, select
+from fastapi.testclient import TestClient
+from service_fixtures import ADMIN, slow_assembly
 
 from app.api.models import wants_json
-from app.store.tables import AssembledModel
+from app.main import create_app
 
 JSON = {"Accept": "application/json"}
 
@@ -73,15 +73,22 @@ def test_metadata_download_and_etag(client):
         assert r.status_code == status
 
 
-def test_unknown_model_is_404(client):
-    assert client.get("/models/nope").status_code == 404
-    assert client.get("/models/nope/download").status_code == 404
+def test_unknown_model_is_404(client, versions):
+    first = client.post("/models", json={"tasks": ["task0"]}, headers=JSON).json()["id"]
+    version, pool_prefix, mask, output, weights = first.split("-")
+    for ident in ["nope", first.upper(), f"{version}-{pool_prefix}-0{mask}-{output}-{weights}",
+                  f"{version}-{pool_prefix}-0-{output}-{weights}", f"{version}-{pool_prefix}-ff-{output}-{weights}",
+                  f"{version}-00000000-{mask}-{output}-{weights}", f"424242-{pool_prefix}-{mask}-{output}-{weights}",
+                  f"99999999999999999999-{pool_prefix}-{mask}-{output}-{weights}",
+                  f"{version}-{pool_prefix}-{mask}-{output}-bf16"]:
+        assert client.get(f"/models/{ident}").status_code == 404, ident
+        assert client.get(f"/models/{ident}/download").status_code == 404, ident
 
 
 def test_fifty_parallel_requests_assemble_once(client, services, monkeypatch):
     body = {"tasks": ["task1", "task2"], "options": {"softmax": True, "fp16": True}}
-    slow_assembly(monkeypatch, services.pools.active())
-    before = services.models.assemblies
+    slow_assembly(monkeypatch, services.serving.pools.active())
+    before = services.serving.models.assemblies
 
     async def burst():
         transport = httpx.ASGITransport(app=client.app)
@@ -92,12 +99,43 @@ def test_fifty_parallel_requests_assemble_once(client, services, monkeypatch):
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert len({r.headers["etag"] for r in responses}) == 1
-    assert services.models.assemblies - before == 1
-    services.models.writer.flush()
-    with services.db.session() as session:
-        rows = session.scalar(select(func.count()).select_from(AssembledModel)
-                              .where(AssembledModel.id == responses[0].headers["x-model-id"]))
-    assert rows == 1
+    assert services.serving.models.assemblies - before == 1
+
+
+def test_every_id_resolves_after_a_restart_with_the_same_bytes(fresh, tmp_path):
+    """Nothing is stored per query: a new process (another replica, after a crash) serves
+    every id issued before, assembled again, byte for byte, and writes no file for it."""
+    settings, client, _ = fresh
+    bodies = [{"tasks": ["task0"]}, {"tasks": ["task2", "task1"], "options": {"softmax": True}},
+              {"tasks": ["task0", "task1", "task2"], "options": {"weights": "fp16"}}]
+    issued = [client.post("/models", json=b) for b in bodies]
+    files = sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*") if p.is_file())
+    with TestClient(create_app(settings)) as replica:
+        for r in issued:
+            again = replica.get(f"/models/{r.headers['x-model-id']}/download")
+            assert again.status_code == 200
+            assert again.content == r.content and again.headers["etag"] == r.headers["etag"]
+            assert replica.get(f"/models/{r.headers['x-model-id']}").json()["sha256"] == r.headers["etag"].strip('"')
+    assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*") if p.is_file()) == files
+
+
+def test_request_counts_are_kept_per_task(fresh):
+    settings, client, version = fresh
+    for tasks in (["task0"], ["task0", "task1"], ["task1", "task0"]):
+        assert client.post("/models", json={"tasks": tasks}).status_code == 200
+    client.app.state.services.serving.flush_counts()
+    pools = client.get("/admin/pools", headers=ADMIN).json()
+    assert next(p for p in pools if p["version"] == version)["requests"] == {"task0": 3, "task1": 2}
+
+
+def test_download_url_is_relative_or_the_configured_base(client, fresh):
+    meta = client.post("/models", json={"tasks": ["task0"]}, headers=JSON | {"Host": "evil.example"}).json()
+    assert meta["download_url"] == f"/models/{meta['id']}/download"
+    settings, _, _ = fresh
+    with TestClient(create_app(settings.model_copy(update={"public_url": "https://models.example/poe/"}))) as c:
+        meta = c.post("/models", json={"tasks": ["task0"], "options": {"format": "ort"}},
+                      headers=JSON | {"Host": "evil.example"}).json()
+        assert meta["download_url"] == f"https://models.example/poe/models/{meta['id']}/download?format=ort"
 
 
 def test_tasks(client, pool, versions):
@@ -113,7 +151,7 @@ def test_tasks(client, pool, versions):
 
 def test_health_ready_docs_and_page(client, versions):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"ready": True, "database": True,
+    assert client.get("/ready").json() == {"ready": True, "database": True, "workers": 0,
                                            "pool_version": versions["first"], "reasons": []}
     assert "/models" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200

@@ -23,7 +23,7 @@ def test_upgrade_downgrade_upgrade(databases):
     url = databases.new()
     db.upgrade(url)
     assert _tables(url) == TABLES
-    assert db.current_revision(url) == "0001"
+    assert db.current_revision(url) == "0002"
     db.downgrade(url, "base")
     assert _tables(url) == set()
     assert db.current_revision(url) is None

@@ -6,7 +6,8 @@ from service_fixtures import make_settings
 from sqlalchemy import select
 
 from app.services import Services
-from app.store.pools import PoolRegistry, PoolUnavailable, activate_pool, import_pool
+from app.serving.registry import PoolRegistry, PoolUnavailable
+from app.store.pools import activate_pool, import_pool
 from app.store.tables import PoolFile, PoolVersion, PrimitiveTask
 from poe_core.pool import PoolError
 
@@ -71,14 +72,40 @@ def test_damaged_layout_is_rebuilt_from_blobs(store, pool):
     assert fresh.get(version).pool.pool_id == pool.pool_id
 
 
-def test_corrupt_blob_makes_the_pool_unavailable(store, pool):
-    version = import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+def _corrupt(store, path: str) -> None:
     with store.db.session() as session:
-        sha = session.scalar(select(PoolFile.sha256).where(PoolFile.path == "onnx/library.onnx"))
+        sha = session.scalar(select(PoolFile.sha256).where(PoolFile.path == path))
     blob = store.blobs.path(sha)
     os.chmod(blob, 0o644)
-    blob.write_bytes(b"bit rot")
-    shutil.rmtree(store.settings.pools_dir, ignore_errors=True)
-    fresh = PoolRegistry(store.db, store.blobs, store.settings.pools_dir)
-    with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot be loaded.*corrupt"):
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit
+    blob.write_bytes(bytes(data))
+
+
+def test_a_corrupt_blob_is_named_never_served_and_reimport_repairs_it(store, pool):
+    version = import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+    expert = pool.expert_info("task1")["onnx"]
+    # The blob and the laid-out file are one (hard links): both are damaged.
+    _corrupt(store, expert)
+    fresh = PoolRegistry(store.db, store.blobs, store.settings.pools_dir, ttl=0)
+    with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot be served: file {expert}: "
+                                              r"blob \w+\.\.\. is corrupt; importing its bundle again") as e:
         fresh.active()
+    assert str(store.settings.data_dir.resolve()) not in str(e.value)
+    assert import_pool(store.db, store.blobs, pool.root, source="again") == version
+    served = fresh.active()
+    assert served.assembler.assemble(["task1"]).data == \
+        PoolRegistry(store.db, store.blobs, store.settings.pools_dir).active().assembler.assemble(["task1"]).data
+    for f in store.db.read(lambda s: s.scalars(select(PoolFile).where(PoolFile.pool_version == version)).all()):
+        store.blobs.verify(f.sha256)
+
+
+def test_a_failed_load_is_not_retried_within_the_ttl(store, pool):
+    import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+    _corrupt(store, "manifest.json")
+    registry = PoolRegistry(store.db, store.blobs, store.settings.pools_dir, ttl=60)
+    with pytest.raises(PoolUnavailable) as first:
+        registry.active()
+    with pytest.raises(PoolUnavailable) as second:
+        registry.active()
+    assert second.value is first.value

@@ -6,13 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
-from app.deps import ServicesDep, SessionDep, SettingsDep, require_admin
+from app.deps import RowId, ServicesDep, SessionDep, SettingsDep, require_admin
 from app.errors import NotFound
 from app.jobs import queue
-from app.jobs.extraction import prepare
-from app.schemas import Error, ExtractionRequest, JobOut, PoolOut
+from app.jobs.admission import prepare
+from app.schemas import Error, ExtractionRequest, JobOut, JobStatus, PoolOut
 from app.store.pools import activate_pool, active_version
-from app.store.tables import Job, PoolVersion
+from app.store.tables import Job, PoolVersion, TaskRequests
 from poe_core.extract import phase_done
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -38,7 +38,8 @@ def _job(session, job_id: int) -> Job:
 
 @router.post("/extractions", status_code=202, response_model=JobOut,
              summary="Queue an extraction: train oracle, library and experts into a new pool version",
-             responses={409: {"model": Error, "description": "Nothing to reuse"},
+             responses={400: {"model": Error, "description": "A body that is not UTF-8 JSON"},
+                        409: {"model": Error, "description": "Nothing to reuse"},
                         422: {"description": "Bad request, data path outside POE_DATA_ROOTS"}})
 def create_extraction(body: ExtractionRequest, session: SessionDep, settings: SettingsDep) -> JobOut:
     job = queue.enqueue(session, prepare(session, body, settings.allowed_data_roots))
@@ -46,47 +47,53 @@ def create_extraction(body: ExtractionRequest, session: SessionDep, settings: Se
 
 
 @router.get("/jobs", response_model=list[JobOut], summary="Jobs, newest first")
-def list_jobs(session: SessionDep, status: Annotated[str | None, Query()] = None,
+def list_jobs(services: ServicesDep, status: Annotated[JobStatus | None, Query()] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[JobOut]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Job.status == status)
-    return [job_out(j) for j in session.scalars(query)]
+    return services.db.read(lambda session: [job_out(j) for j in session.scalars(query)])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's status, progress and log",
             responses={404: {"model": Error}})
-def get_job(job_id: int, session: SessionDep) -> JobOut:
-    return job_out(_job(session, job_id))
+def get_job(job_id: RowId, services: ServicesDep) -> JobOut:
+    return services.db.read(lambda session: job_out(_job(session, job_id)))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job",
              responses={404: {"model": Error}, 409: {"model": Error, "description": "Already finished"}})
-def cancel_job(job_id: int, session: SessionDep) -> JobOut:
+def cancel_job(job_id: RowId, session: SessionDep) -> JobOut:
     return job_out(queue.request_cancel(session, _job(session, job_id)))
 
 
-def pool_out(pool: PoolVersion, active: int | None) -> PoolOut:
+def pool_out(session, pool: PoolVersion, active: int | None) -> PoolOut:
     work = pool.work_dir
     reusable = [p for p in ("oracle", "library") if work and phase_done(Path(work), p)]
+    requests = dict(session.execute(select(TaskRequests.task, TaskRequests.requests)
+                                    .where(TaskRequests.pool_version == pool.version)).all())
     return PoolOut(version=pool.version, pool_id=pool.pool_id, active=pool.version == active,
                    source=pool.source, job_id=pool.job_id, created_at=pool.created_at,
                    tasks=list(pool.manifest["experts"]), dataset=pool.manifest.get("dataset", {}),
-                   reusable=reusable)
+                   reusable=reusable, requests=requests)
 
 
 @router.get("/pools", response_model=list[PoolOut], summary="Pool versions, newest first")
-def list_pools(session: SessionDep) -> list[PoolOut]:
-    active = active_version(session)
-    pools = session.scalars(select(PoolVersion).order_by(PoolVersion.version.desc()))
-    return [pool_out(p, active) for p in pools]
+def list_pools(services: ServicesDep) -> list[PoolOut]:
+    def pools(session) -> list[PoolOut]:
+        active = active_version(session)
+        rows = session.scalars(select(PoolVersion).order_by(PoolVersion.version.desc()))
+        return [pool_out(session, p, active) for p in rows]
+
+    return services.db.read(pools)
 
 
 @router.post("/pools/{version}/activate", response_model=PoolOut, summary="Serve this pool version",
              responses={404: {"model": Error}, 503: {"model": Error, "description": "Pool cannot be loaded"}})
-def activate(version: int, services: ServicesDep) -> PoolOut:
-    services.pools.get(version)  # loads and verifies it before any request is sent to it
+def activate(version: RowId, services: ServicesDep) -> PoolOut:
+    pools = services.serving.pools
+    pools.get(version)  # loads and verifies it before any request is sent to it
     activate_pool(services.db, version)
-    services.pools.forget_active()
+    pools.forget_active()
     with services.db.session() as session:
-        return pool_out(session.get(PoolVersion, version), version)
+        return pool_out(session, session.get(PoolVersion, version), version)

@@ -1,29 +1,58 @@
+"""POST /models and GET /models/{id}[/download]: composite models, assembled per query
+from the active pool (see app.serving.models: nothing is stored per query).
+
+POST /models is the hot path, written lean on purpose: no dependencies to resolve, no
+thread hop, no SQL. A request body seen recently is looked up with the query it parsed
+to; a new one is parsed and validated with pydantic here (so the body is documented in
+OpenAPI, but FastAPI does not parse it twice).
+"""
+
 from __future__ import annotations
 
-import hashlib
-import re
-import threading
-from collections import OrderedDict
-from dataclasses import replace
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from app.deps import ServicesDep
 from app.errors import InvalidTasks, NotFound
 from app.schemas import Error, InputSpec, ModelOut, ModelRequest
-from app.store.assembled import CachedModel, ModelInfo
-from app.store.pools import ServedPool
-from poe_core.formats import FORMATS, to_ort
-from poe_core.pool import Pool
+from app.serving import MEMO_BODY_BYTES
+from app.serving.models import ONNX, ServedModel, parse_model_id, query_of
+from app.serving.models import Query as ModelQuery
+from app.serving.registry import ServedPool
+from app.store.pools import PoolNotFound
 from poe_core.taxonomy import TaskError
 
 router = APIRouter(tags=["models"])
 
-ONNX = "application/octet-stream"
 ONNX_RESPONSE = {"description": "The ONNX model file", "content": {ONNX: {"schema": {"type": "string",
                                                                                    "format": "binary"}}}}
+
+
+def _inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its $defs put in place of their $refs."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": _inlined(ModelRequest.model_json_schema())}}}}
 
 
 def wants_json(accept: str | None) -> bool:
@@ -45,121 +74,99 @@ def wants_json(accept: str | None) -> bool:
     return json_q > 0 and json_q >= quality.get("application/*", quality.get("*/*", 0.0))
 
 
-class OrtFiles:
-    """ORT-format conversions of assembled ONNX files, keyed by the ONNX file's sha256
-    (so shared safely by every pool version): onnxruntime converts a model in tens of
-    milliseconds, once per process, and the last `size` results stay in memory."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._files: OrderedDict[str, CachedModel] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, model: CachedModel) -> CachedModel:
-        with self._lock:
-            found = self._files.get(model.info.sha256)
-            if found is not None:
-                self._files.move_to_end(model.info.sha256)
-                return found
-        data = to_ort(model.data)
-        converted = CachedModel(replace(model.info, sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
-                                data)
-        with self._lock:
-            self._files[model.info.sha256] = converted
-            while len(self._files) > self.size:
-                self._files.popitem(last=False)
-        return converted
-
-
-ORT_FILES = OrtFiles()
-
-
-def accuracy_by_format(pool: Pool, tasks) -> dict[str, float | None]:
-    return {w: pool.composite_accuracy(tasks, w) if pool.format_info(w)["available"] else None
-            for w in FORMATS}
-
-
-def model_out(info: ModelInfo, request: Request, pool: Pool, file_format: str = "onnx") -> ModelOut:
-    url = request.url_for("download_model", model_id=info.id)
+def model_out(model: ServedModel, base_url: str) -> ModelOut:
+    info = model.info
+    url = f"{base_url}/models/{info.id}/download" + ("" if info.format == "onnx" else f"?format={info.format}")
     return ModelOut(
         id=info.id, pool_version=info.pool_version, pool_id=info.pool_id, tasks=list(info.tasks),
-        labels=list(info.labels), output=info.output, weights=info.weights, format=file_format,
+        labels=list(info.labels), output=info.output, weights=info.weights, format=info.format,
         params=info.params, flops=info.flops, bytes=info.size, sha256=info.sha256, val_acc=info.val_acc,
-        val_acc_by_format=accuracy_by_format(pool, info.tasks),
+        val_acc_by_format=info.val_acc_by_format,
         input=InputSpec(shape=["batch", *info.image_shape], **info.normalization), created_at=info.created_at,
-        download_url=str(url if file_format == "onnx" else url.include_query_params(format=file_format)),
+        download_url=url,
     )
 
 
-def file_name(info: ModelInfo, file_format: str = "onnx") -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(info.tasks))
-    if len(stem) > 80:
-        stem = f"{len(info.tasks)}-tasks-{info.id[:8]}"
-    suffix = ("-softmax" if info.output == "probabilities" else "") + (
-        "" if info.weights == "fp32" else f"-{info.weights}")
-    return f"poe-{stem}{suffix}.{file_format}"
+def _metadata(request: Request, model: ServedModel) -> JSONResponse:
+    # Relative unless POE_PUBLIC_URL says otherwise: never built from the Host header.
+    base = (request.app.state.settings.public_url or "").rstrip("/")
+    return JSONResponse(model_out(model, base).model_dump(mode="json"))
 
 
-def headers(info: ModelInfo, file_format: str = "onnx") -> dict[str, str]:
-    return {
-        "ETag": f'"{info.sha256}"',
-        "Cache-Control": "public, max-age=31536000, immutable",
-        "X-Model-Id": info.id,
-        "Content-Disposition": f'attachment; filename="{file_name(info, file_format)}"',
-    }
-
-
-def onnx_response(model: CachedModel, file_format: str = "onnx") -> Response:
-    return Response(model.data, media_type=ONNX, headers=headers(model.info, file_format))
-
-
-def _validated(served: ServedPool, tasks: list[str]) -> list[str]:
+def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str]:
+    """The query and file format of a POST /models body, validated against the pool."""
     try:
-        return served.pool.taxonomy.validate(tasks)
+        request = ModelRequest.model_validate_json(body)
+    except ValidationError as e:
+        # Without the input, which may be bytes that are not text; context as text.
+        errors = json.loads(json.dumps(e.errors(include_url=False, include_input=False), default=str))
+        raise RequestValidationError([e | {"loc": ["body", *e["loc"]]} for e in errors]) from None
+    try:
+        tasks = served.pool.taxonomy.validate(request.tasks)
     except TaskError as e:
-        raise InvalidTasks(str(e), served.pool.tasks) from None
+        raise InvalidTasks(str(e), served.tasks) from None
+    options = request.options
+    return ModelQuery.of(tasks, options.softmax, options.weight_format), options.format
+
+
+async def _model(request: Request, served: ServedPool, query: ModelQuery, file_format: str) -> ServedModel:
+    serving = request.app.state.services.serving
+    served.pool.require_format(query.weights)
+    model = serving.models.get(served, query)
+    serving.counts.count(served.version, query.tasks)
+    return await serving.ort.get(model) if file_format == "ort" else model
 
 
 @router.post(
-    "/models", summary="Assemble (or fetch) the model of a composite task",
-    response_model=ModelOut,
+    "/models", summary="Assemble the model of a composite task", response_model=ModelOut,
+    openapi_extra=REQUEST_BODY,
     responses={200: {"description": "The ONNX file; with `Accept: application/json`, its metadata",
                      "content": {ONNX: ONNX_RESPONSE["content"][ONNX]}},
                413: {"model": Error},
-               422: {"description": "Unknown, repeated or no tasks; wrong types; a weight format the "
-                                    "pool refuses (`detail` says why)"},
-               503: {"model": Error, "description": "No active pool"}},
+               422: {"description": "Not JSON, unknown, repeated or no tasks, wrong types, or a weight format "
+                                    "the pool refuses (`detail` says why)"},
+               503: {"model": Error, "description": "No active pool, a damaged part of it, or busy converting"}},
 )
-async def create_model(body: ModelRequest, request: Request, services: ServicesDep,
-                       accept: Annotated[str | None, Header()] = None):
-    served = services.pools.active_if_fresh() or await run_in_threadpool(services.pools.active)
-    tasks = _validated(served, body.tasks)
-    weights = body.options.weight_format
-    served.pool.require_format(weights)
-    model = services.models.peek(served, tasks, body.options.softmax, weights)
-    if model is None:
-        model = await run_in_threadpool(services.models.get_or_create, served, tasks,
-                                        body.options.softmax, weights)
-    file_format = body.options.format
-    if file_format == "ort":
-        model = await run_in_threadpool(ORT_FILES.get, model)
-    if wants_json(accept):
-        return model_out(model.info, request, served.pool, file_format)
-    return onnx_response(model, file_format)
+async def create_model(request: Request) -> Response:
+    # app.state, not Depends: this is the hot path (see the module's docstring).
+    serving = request.app.state.services.serving
+    pools = serving.pools
+    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
+    body = await request.body()
+    key = (served.version, body)
+    parsed = serving.queries.get(key)
+    if parsed is None:
+        parsed = _parse(served, body)
+        if len(body) <= MEMO_BODY_BYTES:
+            serving.queries[key] = parsed
+    model = await _model(request, served, *parsed)
+    if wants_json(request.headers.get("accept")):
+        return _metadata(request, model)
+    return Response(model.data, media_type=ONNX, headers=model.headers)
 
 
-def _described(services, model_id: str) -> ModelInfo:
-    info = services.models.describe(model_id)
-    if info is None:
-        raise NotFound(f"no model {model_id!r}; POST /models to assemble one")
-    return info
+async def _resolve(services, model_id: str) -> tuple[ServedPool, ModelQuery]:
+    """The pool version and query a model id names, or NotFound."""
+    missing = NotFound(f"no model {model_id!r}; POST /models to assemble one")
+    parsed = parse_model_id(model_id)
+    if parsed is None:
+        raise missing
+    pools = services.serving.pools
+    try:
+        served = pools.loaded(parsed[0]) or await run_in_threadpool(pools.get, parsed[0])
+    except PoolNotFound:
+        raise missing from None
+    query = query_of(served, model_id)
+    if query is None or not served.pool.format_info(query.weights)["available"]:
+        raise missing
+    return served, query
 
 
-@router.get("/models/{model_id}", response_model=ModelOut, summary="Metadata of an assembled model",
-            responses={404: {"model": Error}})
-def get_model(model_id: str, request: Request, services: ServicesDep) -> ModelOut:
-    info = _described(services, model_id)
-    return model_out(info, request, services.pools.get(info.pool_version).pool)
+@router.get("/models/{model_id}", response_model=ModelOut, summary="Metadata of a model",
+            responses={404: {"model": Error}, 503: {"model": Error}})
+async def get_model(model_id: str, request: Request, services: ServicesDep) -> Response:
+    served, query = await _resolve(services, model_id)
+    return _metadata(request, await _model(request, served, query, "onnx"))
 
 
 def _matches(if_none_match: str | None, sha256: str) -> bool:
@@ -173,14 +180,11 @@ def _matches(if_none_match: str | None, sha256: str) -> bool:
             response_class=Response,
             responses={200: ONNX_RESPONSE, 304: {"description": "Not modified (If-None-Match)"},
                        404: {"model": Error}, 503: {"model": Error}})
-def download_model(model_id: str, services: ServicesDep,
-                   if_none_match: Annotated[str | None, Header()] = None,
-                   format: Annotated[Literal["onnx", "ort"], Query()] = "onnx") -> Response:
-    info = _described(services, model_id)
-    model = None
-    if format == "ort":  # its ETag is the converted file's sha256, known once converted
-        model = ORT_FILES.get(services.models.fetch(info))
-        info = model.info
-    if _matches(if_none_match, info.sha256):
-        return Response(status_code=304, headers=headers(info, format))
-    return onnx_response(model or services.models.fetch(info), format)
+async def download_model(model_id: str, request: Request, services: ServicesDep,
+                         if_none_match: Annotated[str | None, Header()] = None,
+                         format: Annotated[Literal["onnx", "ort"], Query()] = "onnx") -> Response:
+    served, query = await _resolve(services, model_id)
+    model = await _model(request, served, query, format)
+    if _matches(if_none_match, model.sha256):
+        return Response(status_code=304, headers=model.headers)
+    return Response(model.data, media_type=ONNX, headers=model.headers)

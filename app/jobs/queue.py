@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.store.db import Database
-from app.store.tables import Job, utcnow
+from app.store.rows import worker_seen
+from app.store.tables import Job, WorkerSeen, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +135,29 @@ def finish(db: Database, job_id: int, worker: str, status: str, *, error: str | 
         job.log = _appended(job.log, [line or status])
 
 
+def alive(db: Database, worker: str) -> None:
+    """Record that `worker` is running (polling, or running a job)."""
+    with db.session() as session:
+        worker_seen(session, worker)
+
+
+def live_workers(db: Database, stale_seconds: float) -> int:
+    """Workers that said they were alive within `stale_seconds`."""
+    cutoff = utcnow() - timedelta(seconds=stale_seconds)
+    return db.read(lambda session: session.scalar(
+        select(func.count()).select_from(WorkerSeen).where(WorkerSeen.seen_at >= cutoff)))
+
+
 def recover_stale(db: Database, stale_seconds: float, max_attempts: int,
                   now: datetime | None = None) -> list[Job]:
     """Running jobs whose worker stopped heartbeating: back to queued (resumed from their
-    checkpoints by the next worker) while attempts remain, else failed with the reason."""
+    checkpoints by the next worker) while attempts remain, else failed with the reason.
+    Any process may call this (workers and API processes do, periodically). Rows of
+    silent workers are deleted too."""
     cutoff = (now or utcnow()) - timedelta(seconds=stale_seconds)
     recovered = []
     with db.session() as session:
+        session.execute(delete(WorkerSeen).where(WorkerSeen.seen_at < cutoff))
         stale = session.scalars(
             select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
             .with_for_update(skip_locked=True)

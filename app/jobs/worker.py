@@ -64,6 +64,7 @@ class JobRun:
     def _heartbeat(self) -> None:
         while not self._done.wait(self.worker.services.settings.heartbeat_seconds):
             try:
+                queue.alive(self.db, self.name)
                 self.cancelled = queue.heartbeat(self.db, self.job_id, self.name) or self.cancelled
             except queue.JobLost:
                 self.lost = True
@@ -127,7 +128,8 @@ class Worker:
                 self.stopping.wait(self.settings.worker_poll_seconds)
 
     def poll(self) -> bool:
-        """Recover stale jobs, then run one queued job if there is one."""
+        """Say this worker is alive, recover stale jobs, then run one queued job if there is one."""
+        queue.alive(self.services.db, self.name)
         queue.recover_stale(self.services.db, self.settings.stale_seconds, self.settings.job_max_attempts)
         job = queue.claim(self.services.db, self.name)
         if job is None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_engine(url: str) -> Engine:
@@ -19,6 +26,9 @@ def make_engine(url: str) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # Created readable by this user only, like the admin token; SQLite gives its
+        # -wal and -shm files the database file's permissions.
+        os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -51,6 +61,19 @@ class Database:
         """A session whose transaction commits on success and rolls back on error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    def read(self, query: Callable[[Session], T]) -> T:
+        """Run read-only `query` in a session, once more on a fresh connection if the
+        first one was cut (a restarted or failed-over PostgreSQL): reads are safe to repeat."""
+        try:
+            with self.session() as session:
+                return query(session)
+        except DBAPIError as e:
+            if not e.connection_invalidated:
+                raise
+            log.warning("database connection lost (%s); retrying once", type(e.orig).__name__)
+        with self.session() as session:
+            return query(session)
 
     def ping(self) -> bool:
         try:

@@ -1,5 +1,5 @@
-"""The SQL tables: the index over blobs, pools, their tasks and experts, assembled
-models and jobs. Alembic migrations in migrations/ create exactly these."""
+"""The SQL tables: the index over blobs, pools, their tasks and experts, request counts,
+jobs and live workers. Alembic migrations in migrations/ create exactly these."""
 
 from __future__ import annotations
 
@@ -137,28 +137,27 @@ class Expert(Base):
     val_acc: Mapped[float] = mapped_column(Float)
 
 
-class AssembledModel(Base):
-    """A composite model once assembled; the cache key is (pool version, sorted tasks,
-    output, weights). The id is derived from the key, the ETag is the blob's sha256."""
+class TaskRequests(Base):
+    """How often each primitive task of a pool version was part of a served query: one
+    row per task, however many distinct queries clients make (models are not stored)."""
 
-    __tablename__ = "assembled_models"
-    __table_args__ = (UniqueConstraint("pool_version", "tasks", "output", "weights"),)
+    __tablename__ = "task_requests"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    pool_version: Mapped[int] = mapped_column(ForeignKey("pools.version", ondelete="CASCADE"))
-    tasks: Mapped[str] = mapped_column(Text)
-    output: Mapped[str] = mapped_column(String(16))
-    weights: Mapped[str] = mapped_column(String(8))
-    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
-    size: Mapped[int] = mapped_column(BigInteger)
-    labels: Mapped[list] = mapped_column(JSON)
-    params: Mapped[int] = mapped_column(BigInteger)
-    flops: Mapped[int] = mapped_column(BigInteger)
-    val_acc: Mapped[float] = mapped_column(Float)
-    assembly_ms: Mapped[float] = mapped_column(Float)
-    hits: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    pool_version: Mapped[int] = mapped_column(ForeignKey("pools.version", ondelete="CASCADE"),
+                                              primary_key=True)
+    task: Mapped[str] = mapped_column(String(200), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerSeen(Base):
+    """A live `poe worker`: it stamps its row while it polls or runs a job; rows of
+    workers silent for POE_STALE_SECONDS are deleted when stale jobs are recovered."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Job(Base):

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
 
 log = logging.getLogger(__name__)
 
@@ -104,4 +105,15 @@ def mount(app: FastAPI) -> None:
     mount_docs(app)
     _vendor(app, "/vendor/ort", ORT_DIST, "onnxruntime-web", "ort.wasm.min.mjs",
             "the page cannot run models in the browser")
-    app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
+    app.router.routes.append(PageMount("/", StaticFiles(directory=STATIC, html=True), name="web"))
+
+
+class PageMount(Mount):
+    """The page's mount at /, for GET and HEAD only: any other method on any path goes on
+    to the API's routes, so `OPTIONS /models` is the API's 405 (with its Allow header),
+    not the static files'."""
+
+    def matches(self, scope):
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
+            return Match.NONE, {}
+        return super().matches(scope)

@@ -1,0 +1,100 @@
+"""Extraction requests: checking one against this deployment before it is queued.
+
+The API process runs this, so it imports nothing that trains. A job's data set must lie
+under one of POE_DATA_ROOTS (symbolic links resolved), so an admin request cannot make
+the worker read arbitrary files. Reusing an oracle (and
+library) needs the work directory of the extraction that made the active pool: pools
+imported from bundles carry no oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from app.schemas import ExtractionRequest
+from app.store.pools import active_version
+from app.store.tables import PoolVersion
+from poe_core.data import make_synthetic
+from poe_core.extract import phase_done
+from poe_core.taxonomy import Taxonomy, cifar100
+
+REUSED_PHASES = {"none": (), "oracle": ("oracle",), "library": ("oracle", "library")}
+
+
+class ExtractionRejected(ValueError):
+    """A request this deployment cannot run; the message is meant for the admin."""
+
+
+class ReuseUnavailable(Exception):
+    """The active pool has no oracle/library to reuse."""
+
+
+def resolve_data_path(path: str, roots: Sequence[Path], what: str = "data path") -> Path:
+    """`path` (absolute, or relative to a data root) resolved inside an allowed root."""
+    given = Path(path)
+    candidates = [given] if given.is_absolute() else [root / given for root in roots]
+    for candidate in candidates:
+        try:
+            resolved = candidate.resolve()
+            if any(resolved.is_relative_to(root) for root in roots) and resolved.exists():
+                return resolved
+        except OSError:  # a name too long, a loop of links: not a path we can read
+            continue
+    allowed = ", ".join(str(r) for r in roots)
+    raise ExtractionRejected(f"{what} {path!r} is not an existing file or directory under the allowed "
+                             f"data roots ({allowed}); set POE_DATA_ROOTS to allow more")
+
+
+def _taxonomy(data: dict) -> Taxonomy:
+    if data["source"] == "synthetic":
+        return make_synthetic(seed=data["seed"]).taxonomy
+    if data["source"] == "image-folder":
+        return Taxonomy.from_json(data["hierarchy"])
+    return cifar100()
+
+
+def prepare(session: Session, request: ExtractionRequest, roots: Sequence[Path]) -> dict:
+    """Check a request and return what the job row stores: the request with resolved
+    paths and, when reusing, where the reused phases come from."""
+    body = request.model_dump()
+    data = body["data"]
+    # The schema requires what each source reads; what a source ignores is dropped.
+    if data["source"] == "synthetic":
+        data["path"] = None
+    else:
+        data["path"] = str(resolve_data_path(data["path"], roots))
+    if data["source"] == "image-folder":
+        data["hierarchy"] = str(resolve_data_path(data["hierarchy"], roots, "hierarchy"))
+    else:
+        data["hierarchy"] = None
+    try:
+        taxonomy = _taxonomy(data)
+        if request.tasks is not None:
+            body["tasks"] = taxonomy.validate(request.tasks)
+    except (ValueError, OSError) as e:  # a bad or unreadable hierarchy file, unknown or repeated tasks
+        raise ExtractionRejected(str(e)) from None
+    reused = REUSED_PHASES[request.reuse]
+    if reused:
+        body["reuse_from"] = _reuse_source(session, reused, taxonomy)
+    return body
+
+
+def _reuse_source(session: Session, phases: Sequence[str], taxonomy: Taxonomy) -> dict:
+    version = active_version(session)
+    if version is None:
+        raise ReuseUnavailable("there is no active pool to reuse an oracle from; use reuse=none")
+    pool = session.get(PoolVersion, version)
+    work = Path(pool.work_dir) if pool.work_dir else None
+    missing = [p for p in phases if work is None or not phase_done(work, p)]
+    if missing:
+        origin = "was imported from a bundle, which carries no oracle" if work is None else \
+            f"has lost its work directory {work}"
+        raise ReuseUnavailable(f"the active pool (version {version}) {origin}: its "
+                               f"{' and '.join(missing)} cannot be reused; use reuse=none")
+    if list(pool.manifest["taxonomy"]["classes"]) != list(taxonomy.classes):
+        raise ReuseUnavailable(f"the active pool (version {version}) was trained on other classes "
+                               "than this data set's; use reuse=none")
+    return {"pool_version": version, "work_dir": str(work), "phases": list(phases)}
