@@ -26,7 +26,8 @@ from poe_core.assemble import Assembler
 from poe_core.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet, Splits
 from poe_core.formats import FORMATS, FormatUnavailable, to_ort
 from poe_core.nets import ExpertHead, Library, WRNSpec
-from poe_core.pool import build_pool, load_pool
+from poe_core.build import build_pool
+from poe_core.pool import load_pool
 from poe_core.taxonomy import cifar100
 
 SHIPPED = Path(__file__).resolve().parents[1] / "poe_core" / "pools" / "cifar100"

@@ -39,6 +39,7 @@ __all__ = ["AssembledModel", "Assembler", "FormatUnavailable", "prefix_graph"]
 GRAPH_FIELD = 7  # ModelProto.graph
 INPUT_NAME = "input"
 ACCEPTED = "accepted"
+WIDTHS_KEY = "poe.widths"
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,30 @@ class Assembler:
         data = b"".join(self._pieces(q, weights, output, reject, reject_output))
         return AssembledModel(data, q.tasks, labels, output, weights, q.widths, q.method, reject)
 
-    def size(self, query: Query, weights: str = "fp32") -> int:
-        """Bytes of the plain model (logits, no reject output) for `query`, without joining them."""
-        return sum(map(len, self._pieces(query, weights, "logits", None, False)))
+    def sizes(self, q: Query, choices: Sequence[Sequence[float]], weights: str = "fp32") -> list[int]:
+        """Bytes of the plain model (logits, no reject output) for `q` at each choice of
+        expert widths, from one assembly: only the expert fragments and the poe.widths
+        entry change with the widths (the tail names experts by task)."""
+        header, tag, _, *graph, meta = self._pieces(q, weights, "logits", None, False)
+        fragments = self.fragments(weights)
+        length = [{w: len(fragments[part_key(t, w)]) for w in self.pool.widths} for t in q.tasks]
+
+        def experts(widths) -> int:
+            return sum(length[i][w] for i, w in enumerate(widths))
+
+        other_graph = sum(map(len, graph)) - experts(q.widths)
+        multi = len(self.pool.widths) > 1  # else no poe.widths entry
+        # The poe.widths value is JSON: its length changes by the length of each width's number.
+        number = {w: len(json.dumps(w)) for w in self.pool.widths}
+        other_value = len(_widths_json(q.tasks, q.widths).encode()) - sum(number[w] for w in q.widths)
+        other_meta = len(meta) - (_entry_size(WIDTHS_KEY, other_value + sum(number[w] for w in q.widths))
+                                  if multi else 0)
+        out = []
+        for widths in choices:
+            g = other_graph + experts(widths)
+            entry = _entry_size(WIDTHS_KEY, other_value + sum(number[w] for w in widths)) if multi else 0
+            out.append(len(header) + len(tag) + len(_varint(g)) + g + other_meta + entry)
+        return out
 
     def _pieces(self, q: Query, weights: str, output: str, reject: RejectRule | None,
                 reject_output: bool) -> list[bytes]:
@@ -219,7 +241,7 @@ class Assembler:
         if q.method != "poe":
             props["poe.method"] = q.method
         if len(pool.widths) > 1 and q.method == "poe":
-            props["poe.widths"] = json.dumps(dict(zip(q.tasks, q.widths, strict=True)))
+            props[WIDTHS_KEY] = _widths_json(q.tasks, q.widths)
         if reject is not None:
             props["poe.reject"] = reject.to_json()
         if self.pool_version is not None:
@@ -228,6 +250,16 @@ class Assembler:
         for key, value in props.items():
             meta.metadata_props.add(key=key, value=value)
         return meta.SerializeToString()
+
+
+def _entry_size(key: str, value_bytes: int) -> int:
+    """Serialized size of one metadata entry (ModelProto field 14: key 1, value 2)."""
+    entry = 1 + len(_varint(len(key))) + len(key) + 1 + len(_varint(value_bytes)) + value_bytes
+    return 1 + len(_varint(entry)) + entry
+
+
+def _widths_json(tasks: Sequence[str], widths: Sequence[float]) -> str:
+    return json.dumps(dict(zip(tasks, widths, strict=True)))
 
 
 def _prefix(part: str) -> str:

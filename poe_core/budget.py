@@ -22,7 +22,7 @@ from poe_core.pool import part_key
 from poe_core.query import Query
 
 MEASURES = ("params", "bytes", "macs")
-MAX_CANDIDATES = 4096
+MAX_CANDIDATES = 1024
 
 
 class BudgetError(ValueError):
@@ -54,8 +54,27 @@ class PlanPoint:
                 "val_acc": self.val_acc}
 
 
-def candidates(assembler: Assembler, q: Query, weights: str = "fp32") -> list[PlanPoint]:
-    """Every choice of one width per task of `q`, with its exact figures."""
+@dataclass(frozen=True)
+class _Table:
+    """The figures of every choice of widths of one query, column by column."""
+
+    q: Query
+    choices: list[tuple[float, ...]]
+    params: np.ndarray
+    bytes: list[int]
+    macs: np.ndarray
+    val_acc: np.ndarray
+
+    def point(self, k: int) -> PlanPoint:
+        c = self.choices[k]
+        return PlanPoint(dict(zip(self.q.tasks, c, strict=True)), int(self.params[k]), self.bytes[k],
+                         int(self.macs[k]), float(self.val_acc[k]), replace(self.q, widths=c))
+
+    def measure(self, name: str) -> np.ndarray:
+        return np.asarray(getattr(self, name))
+
+
+def _table(assembler: Assembler, q: Query, weights: str) -> _Table:
     pool = assembler.pool
     pool.require("widths")
     if q.method != "poe":
@@ -64,39 +83,60 @@ def candidates(assembler: Assembler, q: Query, weights: str = "fp32") -> list[Pl
     if len(widths) ** len(q.tasks) > MAX_CANDIDATES:
         raise ValueError(f"{len(widths)} widths for {len(q.tasks)} tasks make more than {MAX_CANDIDATES} "
                          "candidate models; name fewer tasks")
-    accuracy = _accuracy_of(pool, q, weights)
-    points = []
-    for choice in itertools.product(widths, repeat=len(q.tasks)):
-        cq = replace(q, widths=choice)
-        points.append(PlanPoint(dict(zip(q.tasks, choice, strict=True)), pool.params(cq), assembler.size(cq, weights),
-                                pool.flops(cq), accuracy(choice), cq))
-    return points
+    picks = np.array(list(itertools.product(range(len(widths)), repeat=len(q.tasks))))  # width index per task
+    rows = np.arange(len(q.tasks))[None, :]
+    parts = [[pool.part(t, w) for w in widths] for t in q.tasks]
+    params = pool.spec.library.params + np.array([[p.params for p in ps] for ps in parts])[rows, picks].sum(1)
+    macs = pool.spec.library.flops + np.array([[p.flops for p in ps] for ps in parts])[rows, picks].sum(1)
+    choices = [tuple(widths[j] for j in pick) for pick in picks.tolist()]
+    return _Table(q, choices, params, assembler.sizes(q, choices, weights), macs,
+                  _accuracies(pool, q, weights, picks))
 
 
-def _accuracy_of(pool, q: Query, weights: str):
-    """A function of one width per task giving Pool.accuracy of that choice, with the
-    slicing of the cached logits done once for all choices."""
+def candidates(assembler: Assembler, q: Query, weights: str = "fp32") -> list[PlanPoint]:
+    """Every choice of one width per task of `q`, with its exact figures."""
+    table = _table(assembler, q, weights)
+    return [table.point(k) for k in range(len(table.choices))]
+
+
+def _accuracies(pool, q: Query, weights: str, picks: np.ndarray) -> np.ndarray:
+    """Pool.accuracy of every choice of widths (`picks`: width index per task), all at once.
+
+    Per task and width, the cached logits give each in-task image's best logit among
+    the task's output columns, that column and whether its class is right; a choice's
+    prediction is then the task with the highest best logit, ties going to the earliest
+    output column, exactly as an argmax over the model's outputs decides."""
     labels = pool.val_labels.numpy()
     inside = np.isin(labels, q.classes)
     y = labels[inside]
-    n = np.float32(len(y))
     classes = np.asarray(q.classes)
     owner = {c: (i, j) for i, t in enumerate(q.tasks) for j, c in enumerate(pool.taxonomy.tasks[t])}
-    # For each task: which output columns it fills, from which of its own columns.
-    slots = [([k for k, c in enumerate(q.classes) if owner[c][0] == i],
-              [owner[c][1] for c in q.classes if owner[c][0] == i]) for i in range(len(q.tasks))]
     cached = pool.logits_of(weights)
-    sliced = {(i, w): cached[part_key(t, w)].numpy()[inside][:, slots[i][1]]
-              for i, t in enumerate(q.tasks) for w in pool.widths}
-    out = np.empty((len(y), len(q.classes)), np.float32)
-
-    def accuracy(choice) -> float:
-        for i, w in enumerate(choice):
-            out[:, slots[i][0]] = sliced[i, w]
-        # Rounded like torch's float32 mean in evaluate.task_specific_accuracy.
-        return float(np.float32((classes[out.argmax(1)] == y).sum()) / n)
-
-    return accuracy
+    shape = (len(q.tasks), len(pool.widths), len(y))
+    best, column, right = np.empty(shape, np.float32), np.empty(shape, np.int32), np.empty(shape, bool)
+    for i, t in enumerate(q.tasks):
+        out_columns = np.array([k for k, c in enumerate(q.classes) if owner[c][0] == i])
+        own_columns = [owner[q.classes[k]][1] for k in out_columns]
+        for a, w in enumerate(pool.widths):
+            logits = cached[part_key(t, w)].numpy()[inside][:, own_columns]
+            top = logits.argmax(1)
+            best[i, a], column[i, a] = logits[np.arange(len(y)), top], out_columns[top]
+            right[i, a] = classes[column[i, a]] == y
+    # Task by task, keep per choice and image the winner so far: a strictly higher
+    # logit wins, an equal one wins if its column comes first.
+    win_best, win_column, win_right = best[0][picks[:, 0]], column[0][picks[:, 0]], right[0][picks[:, 0]]
+    for i in range(1, len(q.tasks)):
+        b, c = best[i][picks[:, i]], column[i][picks[:, i]]
+        take = b > win_best
+        tie = b == win_best
+        if tie.any():  # rare with float logits
+            take |= tie & (c < win_column)
+        np.copyto(win_best, b, where=take)
+        np.copyto(win_column, c, where=take)
+        np.copyto(win_right, right[i][picks[:, i]], where=take)
+    # Rounded like torch's float32 mean in evaluate.task_specific_accuracy.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return win_right.sum(1).astype(np.float32) / np.float32(len(y))
 
 
 def pareto_front(points: list[PlanPoint], size: str = "params") -> list[PlanPoint]:
@@ -104,26 +144,38 @@ def pareto_front(points: list[PlanPoint], size: str = "params") -> list[PlanPoin
     by increasing size."""
     if size not in MEASURES:
         raise ValueError(f"unknown size measure {size!r}; use {', '.join(MEASURES)}")
-    front: list[PlanPoint] = []
-    for p in sorted(points, key=lambda p: (getattr(p, size), -p.val_acc)):
-        if not front or p.val_acc > front[-1].val_acc:
-            front.append(p)
+    return [points[k] for k in _front([getattr(p, size) for p in points], [p.val_acc for p in points])]
+
+
+def _front(size, accuracy) -> list[int]:
+    front: list[int] = []
+    for k in np.lexsort((-np.asarray(accuracy), np.asarray(size))).tolist():
+        if not front or accuracy[k] > accuracy[front[-1]]:
+            front.append(k)
     return front
 
 
 def plan(assembler: Assembler, q: Query, weights: str = "fp32", size: str = "params") -> list[PlanPoint]:
-    """The accuracy-vs-size Pareto front of a query (POST /models/plan)."""
-    return pareto_front(candidates(assembler, q, weights), size)
+    """The accuracy-vs-size Pareto front of a query (POST /models/plan), by increasing
+    `size` ("params", "bytes" or "macs")."""
+    if size not in MEASURES:
+        raise ValueError(f"unknown size measure {size!r}; use {', '.join(MEASURES)}")
+    table = _table(assembler, q, weights)
+    return [table.point(k) for k in _front(table.measure(size), table.val_acc)]
 
 
 def fit_budget(assembler: Assembler, q: Query, budget: Budget, weights: str = "fp32") -> PlanPoint:
     """The most accurate choice of widths within `budget` (ties: fewer parameters, then
     bytes); BudgetError stating the smallest possible if nothing fits."""
     limits = budget.limits()
-    points = candidates(assembler, q, weights)
-    fits = [p for p in points if all(getattr(p, m) <= v for m, v in limits.items())]
-    if not fits:
-        smallest = ", ".join(f"{min(getattr(p, m) for p in points):,} {m}" for m in limits)
+    table = _table(assembler, q, weights)
+    fits = np.ones(len(table.choices), bool)
+    for m, v in limits.items():
+        fits &= table.measure(m) <= v
+    if not fits.any():
+        smallest = ", ".join(f"{int(table.measure(m).min()):,} {m}" for m in limits)
         asked = ", ".join(f"max_{m} = {v:,}" for m, v in limits.items())
         raise BudgetError(f"no choice of expert widths fits {asked}: the smallest possible is {smallest}")
-    return max(fits, key=lambda p: (p.val_acc, -p.params, -p.bytes))
+    k = max(np.flatnonzero(fits).tolist(),
+            key=lambda k: (table.val_acc[k], -table.params[k], -table.bytes[k]))
+    return table.point(k)
