@@ -75,8 +75,10 @@ def serve(
     try:
         # Several processes need an import string; each builds its app from the environment.
         target = create_app(settings) if workers == 1 else "app.main:create_app"
+        # A new API process imports onnx and torch before it answers uvicorn's health pings:
+        # on a busy machine that takes longer than uvicorn's 5 s, which would kill it in a loop.
         uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower())
+                    log_level=settings.log_level.lower(), timeout_worker_healthcheck=120)
     finally:
         if supervisor is not None:
             supervisor.stop()

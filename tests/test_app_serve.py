@@ -1,5 +1,6 @@
 """`poe serve`: the one command of the embedded default, as a real process."""
 
+import glob
 import os
 import signal
 import socket
@@ -17,17 +18,41 @@ def _free_port() -> int:
 
 
 def _children(pid: int) -> list[int]:
-    path = f"/proc/{pid}/task/{pid}/children"
-    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
+    """Children of every thread of `pid` (the supervisor thread starts new workers)."""
+    found = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            found += [int(p) for p in open(task).read().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
-def test_serve_starts_api_and_worker_with_the_default_pool(tmp_path, pool):
+def _workers(pid: int) -> list[int]:
+    """The `poe worker` children of a `poe serve` process."""
+    found = []
+    for child in _children(pid):
+        try:
+            if b"worker" in open(f"/proc/{child}/cmdline", "rb").read().split(b"\0"):
+                found.append(child)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = f"/proc/{pid}/stat"
+    return os.path.exists(stat) and open(stat).read().split()[2] != "Z"
+
+
+def test_serve_starts_api_and_a_supervised_worker_with_the_default_pool(tmp_path, pool):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POE_")}
     env |= {"POE_DATA_DIR": str(tmp_path / "var"), "POE_DEFAULT_POOL": str(pool.root), "POE_PORT": str(port),
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1", "POE_HEARTBEAT_SECONDS": "0.5", "POE_STALE_SECONDS": "3",
+            "POE_WORKER_POLL_SECONDS": "0.2"}
     log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=log,
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "2"], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -39,18 +64,24 @@ def test_serve_starts_api_and_worker_with_the_default_pool(tmp_path, pool):
             return False
 
     try:
-        wait_for(ready, timeout=60, interval=0.2, what="poe serve to be ready")
+        wait_for(ready, timeout=90, interval=0.2, what="poe serve to be ready (API and worker)")
+        assert httpx.get(f"{base}/ready").json()["workers"] == 1
         assert httpx.get(f"{base}/tasks").json()["pool_id"] == pool.pool_id
         assert httpx.post(f"{base}/models", json={"tasks": ["task0"]}).status_code == 200
         token = (tmp_path / "var" / "admin-token").read_text().strip()
         jobs = httpx.get(f"{base}/admin/jobs", headers={"Authorization": f"Bearer {token}"})
         assert jobs.status_code == 200
-        workers = _children(server.pid)
-        assert len(workers) == 1
+        [first] = _workers(server.pid)
+        os.kill(first, signal.SIGKILL)
+        # Restarted within 10 s, and ready again once the new worker polls.
+        [second] = wait_for(lambda: [w for w in _workers(server.pid) if w != first], timeout=10, interval=0.1,
+                            what="a new worker process")
+        wait_for(ready, timeout=60, interval=0.2, what="the new worker to poll")
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(30)
     assert code == 0, (tmp_path / "serve.log").read_text()
-    worker_stat = f"/proc/{workers[0]}/stat"
-    assert not os.path.exists(worker_stat) or open(worker_stat).read().split()[2] == "Z"
-    assert "admin token" in (tmp_path / "serve.log").read_text()
+    assert not _alive(second)
+    text = (tmp_path / "serve.log").read_text()
+    assert "admin token" in text and "with 2 API process(es)" in text
+    assert f"worker process {first} exited" in text
