@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from poe_core.assemble import Assembler
+from poe_core.build import build_pool
 from poe_core.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet, Splits
 from poe_core.formats import FORMATS, FormatUnavailable, to_ort
 from poe_core.nets import ExpertHead, Library, WRNSpec
-from poe_core.build import build_pool
 from poe_core.pool import load_pool
 from poe_core.taxonomy import cifar100
 

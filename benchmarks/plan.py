@@ -70,7 +70,8 @@ def plans(pool, queries: int) -> None:
     rng = random.Random(0)
     print(f"pool {pool.pool_id}: {len(pool.tasks)} experts at widths {pool.widths}, "
           f"{len(pool.val_labels)} validation images")
-    print(f"{'n(Q)':>4} {'candidates':>10} {'front':>6} {'plan p50 ms':>12} {'p99':>8} {'budget p50 ms':>14} {'p99':>8}")
+    print(f"{'n(Q)':>4} {'candidates':>10} {'front':>6} {'plan p50 ms':>12} {'p99':>8} "
+          f"{'budget p50 ms':>14} {'p99':>8}")
     for n in range(1, 6):
         plan_ms, fit_ms, fronts = [], [], []
         for _ in range(queries):

@@ -50,7 +50,7 @@ def resolve_query(taxonomy: Taxonomy, tasks: Iterable[str] = (), classes: Iterab
     if not tasks and not classes:
         raise TaskError("the query is empty: name at least one primitive task or class")
     tasks = taxonomy.validate(tasks) if tasks else []
-    wanted = taxonomy.class_indices(classes)
+    wanted = taxonomy.class_indices(classes) if classes else []
     outputs = taxonomy.composite_classes(tasks)
     for c in wanted:
         if c in outputs:
