@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _serve(data: Path, default_pool: str | None):
-    """A live `poe serve --no-worker` on a free loopback port; default_pool None: the shipped one."""
+    """A live `poe serve --no-worker` (one API process) on a free loopback port; default_pool
+    None: the shipped one."""
     assert (ORT_DIST / "ort.wasm.min.mjs").exists(), "onnxruntime-web is missing: npm ci --prefix app/web"
     port = _free_port()
     env = dict(os.environ, POE_DATA_DIR=str(data), POE_HOST="127.0.0.1",
@@ -56,11 +57,11 @@ def _serve(data: Path, default_pool: str | None):
         env["POE_DEFAULT_POOL"] = default_pool
     log = data / "serve.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker"], env=env,
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--workers", "1"], env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 pytest.fail(f"poe serve exited with {process.returncode}:\n{log.read_text()}")
@@ -70,7 +71,7 @@ def _serve(data: Path, default_pool: str | None):
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"poe serve not ready after 60 s:\n{log.read_text()}")
+                pytest.fail(f"poe serve not ready after 120 s:\n{log.read_text()}")
             time.sleep(0.2)
         yield url
     finally:
