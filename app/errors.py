@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from starlette.requests import ClientDisconnect
 
 from app.jobs.admission import ExtractionRejected, ReuseUnavailable
 from app.jobs.queue import JobConflict
@@ -50,6 +51,7 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(error, _answer(status))
     for error in (OperationalError, InterfaceError):  # connection-level failures
         app.add_exception_handler(error, _database_down)
+    app.add_exception_handler(ClientDisconnect, _gone)
     app.add_exception_handler(Exception, _unexpected)
 
 
@@ -68,6 +70,11 @@ async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
     log.error("%s %s: database error: %s", request.method, request.url.path, type(exc.orig).__name__)
     return JSONResponse({"detail": "the database is unavailable; retry shortly"}, status_code=503,
                         headers={"Retry-After": "5"})
+
+
+async def _gone(_request: Request, _exc: ClientDisconnect) -> Response:
+    """The client left before its body arrived: nobody reads an answer, nothing to log."""
+    return Response(status_code=400)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.settings = settings or Settings()
     errors.install(app)
+    app.add_middleware(models.FastLane)  # inside the body limit: added first
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
     for module in (health, tasks, models, admin):
         app.include_router(module.router)

@@ -52,7 +52,7 @@ class Query:
 
 
 def model_id(served: ServedPool, query: Query) -> str:
-    position = {t: i for i, t in enumerate(served.tasks)}
+    position = served.positions
     mask = sum(1 << position[t] for t in query.tasks)
     return f"{served.version}-{served.pool_id[:8]}-{mask:x}-{query.output}-{query.weights}"
 

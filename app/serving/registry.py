@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 from app.store.blobs import BlobError, BlobStore
@@ -49,6 +50,11 @@ class ServedPool:
     def tasks(self) -> list[str]:
         """The primitive tasks, in the pool's order."""
         return self.pool.tasks
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        """Each primitive task's place in the pool's order (its bit in model ids)."""
+        return {t: i for i, t in enumerate(self.pool.tasks)}
 
 
 class PoolRegistry:
