@@ -143,6 +143,12 @@ def _loopback_only(page) -> list[str]:
     return refused
 
 
+def _wait_for_model(page, meta: dict) -> None:
+    """Until the page shows the model of all the ticked tasks, not of the first one alone
+    (each tick asks for a model; a slow machine answers the first before the second tick)."""
+    page.locator(f'#figures[data-tasks="{"+".join(meta["tasks"])}"][aria-busy="false"]').wait_for()
+
+
 def _overflowing(page, selector: str) -> list[str]:
     """The elements matching `selector` whose content is wider than their box."""
     return page.eval_on_selector_all(
@@ -160,10 +166,10 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
         assert page.locator(empty).is_hidden(), empty
     for task in TASKS:
         page.locator(f'#tasks input[value="{task}"]').check()
-    accuracy = page.locator('#acc[data-value]')
-    accuracy.wait_for()
     meta = httpx.post(f"{server}/models", json={"tasks": TASKS, "options": {"weights": "fp32"}},
                       headers={"Accept": "application/json"}).json()
+    _wait_for_model(page, meta)
+    accuracy = page.locator("#acc")
     assert float(accuracy.get_attribute("data-value")) == pytest.approx(pool.composite_accuracy(TASKS))
     assert accuracy.inner_text() == f"{meta['val_acc'] * 100:.2f} %"
     bars = page.locator("#class-acc li")
@@ -234,8 +240,8 @@ def test_samples_run_in_one_click_on_the_cifar_pool(cifar_server, browser, width
     assert page.locator(".camera").is_visible() == mobile  # a phone's camera; a desktop drops files
     for task in tasks:
         page.locator(f'#tasks input[value="{task}"]').check()
-    page.locator("#acc[data-value]").wait_for()
     meta = httpx.post(f"{cifar_server}/models", json={"tasks": tasks}, headers={"Accept": "application/json"}).json()
+    _wait_for_model(page, meta)
     index = json.loads((STATIC / "samples" / "index.json").read_text())
     samples = page.locator("#samples .sample")
     samples.first.wait_for()

@@ -84,6 +84,7 @@ function showModel(model) {
   state.model = model;
   const figures = $("figures");
   figures.hidden = !model;
+  delete figures.dataset.tasks;
   for (const id of ["download-onnx", "download-ort"]) {
     $(id).setAttribute("aria-disabled", String(!model));
     if (!model) $(id).removeAttribute("href");
@@ -93,6 +94,7 @@ function showModel(model) {
     $("result").hidden = true;
     return;
   }
+  figures.dataset.tasks = model.tasks.join("+");
   $("acc").textContent = percent(model.val_acc);
   $("acc").dataset.value = String(model.val_acc);
   $("params").textContent = count(model.params);
