@@ -11,7 +11,7 @@ own head over all classes, restricted to the query's classes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from poe_core.taxonomy import TaskError, Taxonomy
@@ -22,7 +22,7 @@ METHODS = ("poe", "mask")
 @dataclass(frozen=True)
 class Query:
     tasks: tuple[str, ...]  # the experts, in the order of their concatenated logits
-    widths: tuple[float, ...]  # ks of each task's expert
+    widths: tuple[float, ...]  # ks of each task's expert; () for "mask"
     classes: tuple[int, ...]  # class indices the model outputs, in order
     method: str = "poe"
 
@@ -39,16 +39,16 @@ class Query:
         return self.method == "mask" or list(self.classes) != taxonomy.composite_classes(self.tasks)
 
 
-def resolve_query(taxonomy: Taxonomy, tasks: Iterable[str] = (), classes: Iterable[str] = (), *,
+def resolve_query(taxonomy: Taxonomy, tasks: Sequence[str] = (), classes: Sequence[str] = (), *,
                   method: str = "poe", widths: Mapping[str, float] | None = None,
                   default_width: float = 1.0) -> Query:
     """The Query for named tasks and/or classes; raise TaskError, naming the culprit, if
     a task or class is unknown, listed twice, or nothing is asked."""
     if method not in METHODS:
         raise TaskError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
-    tasks, classes = list(tasks), list(classes) if not isinstance(classes, str) else classes
     if not tasks and not classes:
         raise TaskError("the query is empty: name at least one primitive task or class")
+    # validate and class_indices refuse a bare string, which would iterate as letters.
     tasks = taxonomy.validate(tasks) if tasks else []
     wanted = taxonomy.class_indices(classes) if classes else []
     outputs = taxonomy.composite_classes(tasks)
@@ -62,6 +62,10 @@ def resolve_query(taxonomy: Taxonomy, tasks: Iterable[str] = (), classes: Iterab
             tasks.append(owner)
         outputs.append(c)
     widths = dict(widths or {})
+    if method == "mask":
+        if widths:
+            raise TaskError("widths choose experts; the mask method uses none")
+        return Query(tuple(tasks), (), tuple(outputs), method)
     stray = [t for t in widths if t not in tasks]
     if stray:
         raise TaskError(f"width(s) given for task(s) not in the query: {', '.join(map(repr, stray))}")

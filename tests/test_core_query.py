@@ -87,6 +87,8 @@ def test_a_plain_task_query_has_no_gather(pool):
     ([], ["class0_0", "zebra"], "unknown class.*'zebra'"),
     ([], ["class0_0", "class0_0"], "more than once: class0_0"),
     ([], [], "name at least one primitive task or class"),
+    ("task0", [], "not one string"),
+    ([], "class0_0", "not one string"),
     (["task9"], ["class0_0"], "unknown primitive task.*'task9'"),
 ])
 def test_bad_class_queries_are_clear_errors(pool, tasks, classes, message):
