@@ -105,7 +105,7 @@ def rejects(pool, queries: int) -> None:
         print(f"{n:>4} {statistics.median(ms):>11.2f} {chosen:>22} {statistics.mean(r.auroc for r in rules):>7.3f} "
               f"{statistics.mean(r.accept_rate_in_task for r in rules):>10.3f} "
               f"{statistics.mean(r.reject_rate_out_of_task for r in rules):>11.3f} "
-              f"{statistics.mean(mask_auroc) if mask_auroc else float('nan'):>11.3f}")
+              f"{f'{statistics.mean(mask_auroc):.3f}' if mask_auroc else 'n/a':>11}")
 
 
 def main() -> None:

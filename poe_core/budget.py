@@ -139,15 +139,9 @@ def _accuracies(pool, q: Query, weights: str, picks: np.ndarray) -> np.ndarray:
         return win_right.sum(1).astype(np.float32) / np.float32(len(y))
 
 
-def pareto_front(points: list[PlanPoint], size: str = "params") -> list[PlanPoint]:
-    """The points no other point beats in both `size` (smaller) and accuracy (higher),
-    by increasing size."""
-    if size not in MEASURES:
-        raise ValueError(f"unknown size measure {size!r}; use {', '.join(MEASURES)}")
-    return [points[k] for k in _front([getattr(p, size) for p in points], [p.val_acc for p in points])]
-
-
 def _front(size, accuracy) -> list[int]:
+    """Indices of the points no other beats in both size (smaller) and accuracy (higher),
+    by increasing size."""
     front: list[int] = []
     for k in np.lexsort((-np.asarray(accuracy), np.asarray(size))).tolist():
         if not front or accuracy[k] > accuracy[front[-1]]:

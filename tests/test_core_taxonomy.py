@@ -53,3 +53,12 @@ def test_bad_hierarchy_json_is_a_clear_error(tmp_path):
     path.write_text('{"pets": "cat"}')
     with pytest.raises(ValueError, match="expected an object"):
         Taxonomy.from_json(path)
+
+
+def test_class_indices_in_the_order_given_and_their_owners():
+    tax = cifar100()
+    assert tax.class_indices(["woman", "bicycle"]) == [98, 8]
+    assert [tax.owner(c) for c in tax.class_indices(["woman", "bicycle"])] == ["people", "vehicles_1"]
+    with pytest.raises(TaskError, match="unknown class.*'zebra'"):
+        tax.class_indices(["woman", "zebra"])
+    assert tax.subset(["people"]).owner(8) is None
