@@ -98,27 +98,29 @@ def test_bad_class_queries_are_clear_errors(pool, tasks, classes, message):
 
 # -- the mask baseline ----------------------------------------------------------------
 
-def test_mask_delivers_the_student_restricted_to_the_query(pool, val_x):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_mask_delivers_the_student_restricted_to_the_query(pool, val_x, weights):
     q = pool.query(["task2"], ["class0_0"], method="mask")
-    model = Assembler(pool).assemble(q)
+    model = Assembler(pool).assemble(q, weights=weights)
     graph = onnx.load_from_string(model.data).graph
     assert {n.name.split("/")[0] for n in graph.node} == {"library", "student", "gather"}
     assert _meta(model.data)["poe.method"] == "mask"
-    np.testing.assert_allclose(_run(model.data, val_x)["logits"], pool.query_logits(q).numpy(), atol=1e-5)
-    assert pool.accuracy(q) == _onnx_accuracy(model, pool, val_x)
-    assert pool.mask_accuracy(pool.query(["task2"], ["class0_0"])) == pool.accuracy(q)
+    np.testing.assert_allclose(_run(model.data, val_x)["logits"], pool.query_logits(q, weights).numpy(), atol=1e-5)
+    assert pool.accuracy(q, weights) == _onnx_accuracy(model, pool, val_x)
+    assert pool.mask_accuracy(pool.query(["task2"], ["class0_0"]), weights) == pool.accuracy(q, weights)
     assert pool.params(q) == pool.spec.library.params + pool.spec.student.params
 
 
 # -- widths and budgets ---------------------------------------------------------------
 
-def test_every_width_is_a_part_and_its_accuracy_equals_onnxruntime(wide_pool, val_x):
+@pytest.mark.parametrize("weights", ["fp32", "fp16", "int8"])
+def test_every_width_is_a_part_and_its_accuracy_equals_onnxruntime(wide_pool, val_x, weights):
     assert wide_pool.widths == list(WIDTHS)
     q = wide_pool.query(["task0", "task2"], widths={"task2": 0.5})
     assert q.widths == (0.25, 0.5)
-    model = Assembler(wide_pool).assemble(q)
+    model = Assembler(wide_pool).assemble(q, weights=weights)
     assert json.loads(_meta(model.data)["poe.widths"]) == {"task0": 0.25, "task2": 0.5}
-    assert wide_pool.accuracy(q) == _onnx_accuracy(model, wide_pool, val_x)
+    assert wide_pool.accuracy(q, weights) == _onnx_accuracy(model, wide_pool, val_x)
     assert wide_pool.params(q) > wide_pool.params(wide_pool.query(["task0", "task2"]))
 
 
