@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from poe_core.bank import ViewRecipe
 from poe_core.nets import WRNSpec
@@ -89,3 +92,119 @@ class ExtractionPlan:
     @property
     def widths(self) -> list[float]:
         return list(self.expert_widths or [self.expert_spec.ks])
+
+
+# The request form of a plan: what `poe extract` and the admin API accept, validated at
+# the edge, with every default taken from ExtractionPlan() and one mapping to a plan.
+
+_DEFAULT = ExtractionPlan()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Architecture(_Strict):
+    depth: int = Field(ge=10, le=100, description="6n+4.")
+    kc: float = Field(gt=0, le=16)
+    ks: float = Field(gt=0, le=16)
+
+    @field_validator("depth")
+    @classmethod
+    def _wrn_depth(cls, depth: int) -> int:
+        if (depth - 4) % 6:
+            raise ValueError("WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...)")
+        return depth
+
+    @classmethod
+    def of(cls, spec: WRNSpec) -> Architecture:
+        return cls(depth=spec.depth, kc=spec.kc, ks=spec.ks)
+
+    def spec(self) -> WRNSpec:
+        return WRNSpec(self.depth, self.kc, self.ks)
+
+
+# A path the file system can take: no NUL byte.
+FilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
+class OracleOptions(_Strict):
+    arch: Architecture = Field(default_factory=lambda: Architecture.of(_DEFAULT.oracle_spec))
+    epochs: int = Field(_DEFAULT.oracle_cfg.epochs, ge=1, le=1000)
+    lr: float = Field(_DEFAULT.oracle_cfg.lr, gt=0, le=10)
+    label_smoothing: float = Field(_DEFAULT.oracle_cfg.label_smoothing, ge=0, lt=1)
+    with_val: bool = Field(_DEFAULT.oracle_with_val, description="Train the oracle on the validation images "
+                                                                  "too (fixed epochs, its last one kept).")
+    file: FilePath | None = Field(None, description="Bring your own oracle instead of training one: a kept poe "
+                                                    "oracle (.safetensors with its .json) or any classifier "
+                                                    "exported to ONNX (.onnx).")
+    classes: FilePath | None = Field(None, description="ONNX oracle: its output classes (JSON list or one per "
+                                                       "line); default the data set's, in order.")
+    mean: Triple | None = Field(None, description="ONNX oracle: input normalisation mean (R, G, B).")
+    std: Triple | None = Field(None, description="ONNX oracle: input normalisation std (R, G, B).")
+
+    @model_validator(mode="after")
+    def _external_only(self) -> OracleOptions:
+        if self.file is None and (self.classes or self.mean or self.std):
+            raise ValueError("classes, mean and std describe a brought oracle: give its file too")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std must be above 0")
+        return self
+
+
+class LibraryOptions(_Strict):
+    arch: Architecture = Field(default_factory=lambda: Architecture.of(_DEFAULT.library_spec))
+    epochs: int = Field(_DEFAULT.library_cfg.epochs, ge=1, le=1000)
+    lr: float = Field(_DEFAULT.library_cfg.lr, gt=0, le=10)
+    kd: Literal["kd", "standardized"] = Field(_DEFAULT.library_cfg.kd, description="kd: the paper's; "
+                                              "standardized: KD on z-scored logits (Sun et al. 2024).")
+
+
+class ExpertOptions(_Strict):
+    arch: Architecture = Field(default_factory=lambda: Architecture.of(_DEFAULT.expert_spec))
+    epochs: int = Field(_DEFAULT.expert_cfg.epochs, ge=1, le=1000)
+    lr: float = Field(_DEFAULT.expert_cfg.lr, gt=0, le=10)
+    widths: list[Annotated[float, Field(gt=0, le=16)]] | None = Field(
+        None, min_length=1, max_length=8, description="Head widths ks trained jointly; default arch.ks only.")
+
+
+class ExtractionOptions(_Strict):
+    oracle: OracleOptions = Field(default_factory=OracleOptions)
+    library: LibraryOptions = Field(default_factory=LibraryOptions)
+    experts: ExpertOptions = Field(default_factory=ExpertOptions)
+    tasks: list[str] | None = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},
+                                    description="Primitive tasks to train experts for; default all of the data set's.")
+    bank_views: int = Field(_DEFAULT.bank.views, ge=0, le=64, description="Augmented views per training image in "
+                            "the oracle's logit bank; 0 runs the oracle on every batch (not for ONNX oracles).")
+    batch_size: int = Field(_DEFAULT.oracle_cfg.batch_size, ge=1, le=4096)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    temperature: float = Field(_DEFAULT.library_cfg.temperature, gt=0)
+    alpha: float = Field(_DEFAULT.expert_cfg.alpha, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _onnx_needs_a_bank(self) -> ExtractionOptions:
+        if self.oracle.file and self.oracle.file.endswith(".onnx") and self.bank_views == 0:
+            raise ValueError("an ONNX oracle is read through the logit bank: bank_views must be at least 1")
+        return self
+
+    def plan(self, resolve: Callable[[str], Path] = Path) -> ExtractionPlan:
+        """The plan these options describe; `resolve` turns the oracle's file names into
+        paths (the API resolves them under its data roots)."""
+        common = dict(batch_size=self.batch_size, temperature=self.temperature, alpha=self.alpha, seed=self.seed,
+                      device=self.device, precision=self.precision)
+        o = self.oracle
+        external = None
+        if o.file is not None:
+            external = ExternalOracle(resolve(o.file), resolve(o.classes) if o.classes else None,
+                                      tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None)
+        return ExtractionPlan(
+            o.arch.spec(), self.library.arch.spec(), self.experts.arch.spec(),
+            TrainConfig(epochs=o.epochs, lr=o.lr, label_smoothing=o.label_smoothing, **common),
+            TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd, **common),
+            TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, **common),
+            self.tasks, o.with_val, self.experts.widths,
+            ViewRecipe(self.bank_views, seed=self.seed) if self.bank_views else None, external,
+        )
