@@ -4,9 +4,11 @@ import shutil
 import pytest
 from service_fixtures import make_settings
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.services import Services
 from app.serving.registry import PoolRegistry, PoolUnavailable
+from app.store.db import Database
 from app.store.pools import activate_pool, import_pool
 from app.store.tables import PoolFile, PoolVersion, PrimitiveTask
 from poe_core.pool import PoolError
@@ -109,3 +111,16 @@ def test_a_failed_load_is_not_retried_within_the_ttl(store, pool):
     with pytest.raises(PoolUnavailable) as second:
         registry.active()
     assert second.value is first.value
+
+
+def test_the_active_version_known_last_is_served_while_the_database_is_down(store, pool):
+    version = import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+    registry = PoolRegistry(store.db, store.blobs, store.settings.pools_dir, ttl=0)
+    assert registry.active().version == version
+    registry.db = Database("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2")  # nothing listens
+    try:
+        assert registry.active().version == version
+    finally:
+        registry.db.dispose()
+    with pytest.raises(DBAPIError):  # and with no version known, there is nothing to serve
+        PoolRegistry(registry.db, store.blobs, store.settings.pools_dir).active()

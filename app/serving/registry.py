@@ -19,6 +19,8 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from app.store.blobs import BlobError, BlobStore
 from app.store.db import Database
 from app.store.pools import MANIFEST, PoolNotFound, active_version
@@ -87,7 +89,15 @@ class PoolRegistry:
     def active_version(self) -> int | None:
         checked, version = self._active
         if time.monotonic() - checked > self.ttl:
-            version = self.refresh()
+            try:
+                version = self.refresh()
+            except DBAPIError:
+                if version is None:
+                    raise
+                # The database is down: the version known last keeps being served, and the
+                # database is asked again after another TTL, not by every request.
+                log.warning("cannot read the active pool version; serving version %d", version)
+                self._active = (time.monotonic(), version)
         return version
 
     def active_if_fresh(self) -> ServedPool | None:
