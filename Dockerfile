@@ -4,7 +4,19 @@
 # The GPU build installs CUDA wheels of torch (TORCH_CUDA_INDEX) and onnxruntime-gpu in
 # place of onnxruntime; run it with `--gpus all` (NVIDIA Container Toolkit) and the worker
 # trains on CUDA with AMP (device auto).
-FROM python:3.11-slim
+# docker/ holds the rest of the deployment: nginx in front of API replicas and the
+# worker's entrypoint (see docker-compose.yml).
+ARG PYTHON=3.11
+
+# The page's and the API docs' browser code (onnxruntime-web, Swagger UI, ReDoc) from
+# app/web/package-lock.json, so that neither needs the internet (see app/web).
+FROM node:22-slim AS web
+WORKDIR /web
+COPY app/web/package.json app/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+
+FROM python:${PYTHON}-slim
+ARG PYTHON
 
 ARG GPU=false
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
@@ -30,11 +42,21 @@ COPY app app
 COPY migrations migrations
 RUN pip install . \
  && if [ "$GPU" = "true" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18"; fi
+# Where app.web looks for them: node_modules beside the installed package (the build
+# fails here if that is not where the package went; run from / so that Python imports
+# the installed package, not the sources in the working directory).
+COPY --from=web /web/node_modules /usr/local/lib/python${PYTHON}/site-packages/app/web/node_modules
+RUN cd / && python -c "from app.web import ORT_DIST, REDOC_DIST, SWAGGER_DIST; \
+assert (ORT_DIST / 'ort.wasm.min.mjs').is_file() and (SWAGGER_DIST / 'swagger-ui-bundle.js').is_file() \
+and (REDOC_DIST / 'redoc.standalone.js').is_file(), 'npm packages not where app.web looks'"
+COPY docker/worker-entrypoint.sh /usr/local/bin/poe-worker-entrypoint
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/poe poe \
  && mkdir -p /var/lib/poe /data \
  && chown poe /var/lib/poe
 USER poe
+# Out of the source tree: `python -m` (torchrun's workers) must import the installed package.
+WORKDIR /var/lib/poe
 VOLUME ["/var/lib/poe"]
 EXPOSE 8000
 
