@@ -1,0 +1,58 @@
+"""The serving runtime without HTTP: model ids are the query, caches are bounded, ORT
+conversions happen once and never pile up."""
+
+import asyncio
+import itertools
+
+import pytest
+from service_fixtures import make_settings
+
+from app.services import Services
+from app.serving.models import ModelCache, OrtFiles, Query, ServerBusy, model_id, query_of
+from app.store.pools import import_pool
+
+
+@pytest.fixture
+def served(databases, tmp_path, pool):
+    services = Services.start(make_settings(databases, tmp_path))
+    import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
+    yield services.serving.pools.active()
+    services.close()
+
+
+def test_an_id_names_its_query_and_nothing_else(served):
+    queries = [Query.of(c, s, w) for k in (1, 2, 3) for c in itertools.combinations(served.tasks, k)
+               for s in (False, True) for w in ("fp32", "fp16")]
+    ids = [model_id(served, q) for q in queries]
+    assert len(set(ids)) == len(queries)
+    assert [query_of(served, i) for i in ids] == queries
+    assert Query.of(["task2", "task0"]) == Query.of(["task0", "task2"])
+
+
+def test_the_model_cache_is_bounded_in_bytes(served):
+    size = len(served.assembler.assemble(["task0"]).data)
+    cache = ModelCache(max_bytes=int(size * 1.5))
+    first = cache.get(served, Query.of(["task0"]))
+    assert cache.get(served, Query.of(["task0"])) is first and cache.assemblies == 1
+    cache.get(served, Query.of(["task0"], softmax=True))
+    assert len(cache) == 1 and cache.bytes <= size * 1.5
+    tiny = ModelCache(max_bytes=10)  # too small for any model: answered, not kept
+    assert tiny.get(served, Query.of(["task1"])).data and len(tiny) == 0
+
+
+def test_ort_conversions_happen_once_and_are_bounded(served):
+    models = ModelCache(max_bytes=1 << 24)
+    model = models.get(served, Query.of(["task0", "task1"]))
+
+    async def convert():
+        return await asyncio.gather(*(files.get(model) for _ in range(8)))
+
+    files = OrtFiles(size=4)
+    converted = asyncio.run(convert())
+    assert len({id(c) for c in converted}) == 1 and converted[0].format == "ort"
+    assert converted[0].sha256 != model.sha256 and converted[0].id == model.id
+    files.close()
+
+    busy = OrtFiles(max_pending=0)
+    with pytest.raises(ServerBusy):
+        asyncio.run(busy.get(model))
