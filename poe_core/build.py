@@ -23,11 +23,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -150,6 +152,7 @@ def build_pool(
     library_spec: WRNSpec, expert_spec: WRNSpec, student_head: ExpertHead | None = None,
     training: dict | None = None, fp16_logits: bool = False, progress: Callable[[str], None] | None = None,
     int8_max_mean_drop: float = INT8_MAX_MEAN_DROP, calibration_images: int = CALIBRATION_IMAGES,
+    oracle: KeptOracle | None = None,
 ) -> Pool:
     """Write a pool bundle to `out` atomically (a temp directory renamed into place).
 
@@ -159,7 +162,8 @@ def build_pool(
     every part to int8 (calibrated on `calibration_images` training images), caches
     validation logits per weight format and refuses int8 if it loses more than
     `int8_max_mean_drop` accuracy on average over composite tasks of DROP_TASKS
-    primitive tasks (at the default width).
+    primitive tasks (at the default width). `oracle` is kept in the bundle's `oracle/`
+    for rebuilding or extending the pool; no delivered model ever contains it.
     """
     out = Path(out)
     say = progress or (lambda _msg: None)
@@ -220,6 +224,11 @@ def build_pool(
                 classes = list(range(len(taxonomy.classes))) if k == STUDENT else taxonomy.tasks[k.rsplit("@", 1)[0]]
                 val_acc[fmt][k] = task_specific_accuracy(logits[fmt][k], val_labels, classes)
         _write(tmp, "logits/val_labels.npy", _npy(val_labels.numpy().astype(np.int16)))
+        oracle_entry = None
+        if oracle is not None:
+            for rel, data in oracle.files.items():
+                _write(tmp, rel, data)
+            oracle_entry = oracle.entry
 
         _write(tmp, library_files["weights"], _safetensors(library))
         _write(tmp, library_files["fp32"]["onnx"], library_onnx)
@@ -257,7 +266,7 @@ def build_pool(
             library=library_entry,
             experts={t: {"classes": taxonomy.class_names(t), "width": default,
                          "widths": {width_key(w): entries[part_key(t, w)] for w in widths}} for t in tasks},
-            student=entries.get(STUDENT),
+            student=entries.get(STUDENT), oracle=oracle_entry,
             formats=formats, val_labels="logits/val_labels.npy", training=training or {},
             export_seconds=round(export_seconds, 2),
             files={p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
@@ -304,6 +313,60 @@ def _safetensors(module: nn.Module) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
 
 
+@dataclass
+class KeptOracle:
+    """The oracle's files as they go into a bundle, and its manifest entry."""
+
+    files: dict[str, bytes]
+    entry: dict
+
+
+ORACLE_DIR = "oracle"
+# The kept oracle is stored in fp16 when that changes no validation prediction by more
+# than this share of images (a WRN-16-(4,4) halves from 11 to 5.5 MB); else in fp32.
+ORACLE_FP16_MAX_CHANGED = 0.001
+
+
+def keep_oracle(work: Path, splits: Splits) -> KeptOracle:
+    """The work directory's oracle (trained or brought) as bundle files: a poe WRN as
+    safetensors + its phase figures (fp16 when that is lossless on validation, see
+    ORACLE_FP16_MAX_CHANGED), an ONNX oracle as its file and class list."""
+    from poe_core.extract import ONNX_ORACLE, load_oracle, phase_info
+    from poe_core.oracle import Oracle
+
+    info = phase_info(work, "oracle")
+    cpu = torch.device("cpu")
+    oracle: Oracle = load_oracle(work, splits, cpu)
+    normalization = {"mean": list(oracle.mean), "std": list(oracle.std)}
+    if oracle.kind == "onnx":
+        rel = f"{ORACLE_DIR}/oracle.onnx"
+        files = {rel: (work / ONNX_ORACLE).read_bytes()}
+        entry = {"weights": rel, "format": "onnx", "classes": info["classes"], "normalization": normalization,
+                 "dtype": "fp32"}
+        return KeptOracle(files, entry)
+    module = oracle.module.float().eval()
+
+    def predictions() -> torch.Tensor:
+        return torch.cat([oracle.logits(splits.val.x[i:i + 500]).argmax(1) for i in range(0, len(splits.val), 500)])
+
+    fp32 = predictions()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    module.load_state_dict(half)  # copies back into fp32 parameters: the fp16-rounded oracle
+    changed = (predictions() != fp32).float().mean().item()
+    state = half if changed <= ORACLE_FP16_MAX_CHANGED else {
+        k: v.float() for k, v in load_file(str(work / "oracle.safetensors")).items()}
+    dtype = "fp16" if state is half else "fp32"
+    rel = f"{ORACLE_DIR}/oracle.safetensors"
+    figures = {k: info[k] for k in ("architecture", "normalization", "trained_on", "epochs", "seconds",
+                                    "precision", "val_acc", "machine") if k in info}
+    figures["fp16_changed_predictions"] = changed
+    files = {rel: save_safetensors({k: v.contiguous() for k, v in state.items()}),
+             f"{ORACLE_DIR}/oracle.json": json.dumps(figures | {"normalization": normalization}, indent=1).encode()}
+    entry = {"weights": rel, "format": "poe-wrn", "classes": list(splits.taxonomy.classes),
+             "normalization": normalization, "architecture": info["architecture"], "dtype": dtype}
+    return KeptOracle(files, entry)
+
+
 def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
                          fp16_logits: bool = False, progress: Callable[[str], None] | None = None,
                          extra_training: dict | None = None,
@@ -322,4 +385,5 @@ def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
     return build_pool(out, library=student.library, experts=load_expert_widths(work, splits), student_head=student.head,
                       splits=splits, library_spec=WRNSpec(**training["library"]["architecture"]),
                       expert_spec=WRNSpec(**training["experts"]["architecture"]), training=training,
-                      fp16_logits=fp16_logits, progress=progress, int8_max_mean_drop=int8_max_mean_drop)
+                      fp16_logits=fp16_logits, progress=progress, int8_max_mean_drop=int8_max_mean_drop,
+                      oracle=keep_oracle(work, splits) if phase_done(work, "oracle") else None)

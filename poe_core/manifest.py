@@ -94,6 +94,7 @@ class Oracle(_Model):
     classes: list[str]
     normalization: Normalization
     architecture: dict | None = None
+    dtype: Literal["fp32", "fp16"] = "fp32"  # of the stored weights; loaded as fp32
 
 
 class Dataset(_Model):

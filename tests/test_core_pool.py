@@ -91,7 +91,32 @@ def test_manifest_records_training_and_sizes(pool):
     assert set(m.experts) == {"task0", "task1", "task2"}
     assert all(e.at().params > 0 and 0 <= e.at().val_acc <= 1 for e in m.experts.values())
     assert m.student is not None and m.student.params > m.experts["task0"].at().params
-    assert m.oracle is None and "oracle.safetensors" not in m.files
+
+
+
+def test_the_pool_keeps_its_oracle_but_never_delivers_it(pool, work_dir, synthetic):
+    from safetensors.torch import load_file
+
+    from poe_core.extract import load_wrn
+    from poe_core.oracle import load_poe_oracle
+
+    m = pool.spec
+    assert m.oracle is not None and m.oracle.format == "poe-wrn"
+    assert m.oracle.classes == list(synthetic.taxonomy.classes)
+    assert m.oracle.normalization.mean == list(synthetic.mean) and m.oracle.weights in m.files
+    kept = load_file(str(pool.path(m.oracle.weights)))
+    trained = load_wrn(work_dir, "oracle", 6).state_dict()
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[m.oracle.dtype]
+    for k, v in trained.items():
+        assert torch.equal(kept[k], v.to(dtype) if v.is_floating_point() else v)
+    # the kept copy is a usable oracle on its own (its figures and normalisation beside it)
+    reloaded = load_poe_oracle(pool.path(m.oracle.weights), synthetic.taxonomy.classes, torch.device("cpu"))
+    assert reloaded.mean == tuple(synthetic.mean)
+    oracle_names = {f"oracle.{k}" for k in kept} | set(kept)
+    for tasks in (["task0"], ["task0", "task1", "task2"]):
+        delivered = onnx.load_from_string(Assembler(pool).assemble(tasks).data)
+        assert _weight_bytes(delivered.SerializeToString()) < sum(v.numel() * 2 for v in kept.values())
+        assert not {i.name for i in delivered.graph.initializer} & oracle_names
 
 
 def _weight_bytes(model_bytes):
