@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from poe_core.data import ImageSet, Normalize, apply_views, random_views
+from poe_core.files import atomic_write
 from poe_core.oracle import Oracle
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def build_bank(
         np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float16, shape=(recipe.views, n, c)).flush()
         state = {"key": key, "recipe": asdict(recipe), "images": n, "classes": c,
                  "oracle": oracle.fingerprint, "done": 0}
-        _write_json(state_path, state)
+        atomic_write(state_path, json.dumps(state))
     store = np.load(logits_path, mmap_mode="r+")
     units = [(v, s) for v in range(recipe.views) for s in range(0, n, CHUNK)]
     if state["done"] < len(units):
@@ -124,14 +124,8 @@ def build_bank(
         store[v, s:s + CHUNK] = oracle.logits(x, precision).cpu().numpy().astype(np.float16)
         store.flush()
         state["done"] = i + 1
-        _write_json(state_path, state)
+        atomic_write(state_path, json.dumps(state))
         if progress is not None:
             progress(i + 1, len(units))
     del store
     return LogitBank(torch.from_numpy(np.load(logits_path)), views, recipe, key)
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
