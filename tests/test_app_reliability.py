@@ -16,11 +16,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from service_fixtures import ADMIN, POSTGRES_URL, make_settings, settings_env, wait_for
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from app.main import create_app
 from app.services import Services
 from app.store.pools import import_pool, shipped_pool
+from app.store.tables import PoolFile
 
 
 def _disk(directory) -> int:
@@ -200,3 +201,28 @@ def test_a_read_cut_mid_way_is_retried_once(postgres_app):
     assert db.read(read) == 1
     assert len(attempts) == 2 and attempts[0] != attempts[1]
     assert client.get("/admin/jobs", headers=ADMIN).status_code == 200
+
+
+def test_a_corrupt_expert_fails_only_its_queries_with_a_503_naming_it(fresh, pool):
+    settings, client, version = fresh
+    services = client.app.state.services
+    before = client.post("/models", json={"tasks": ["task0", "task2"]})
+    expert = pool.expert_info("task1")["onnx"]
+    sha = services.db.read(lambda s: s.scalar(select(PoolFile.sha256).where(
+        PoolFile.pool_version == version, PoolFile.path == expert)))
+    blob = services.blobs.path(sha)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0x10
+    blob.write_bytes(bytes(data))
+    with TestClient(create_app(settings)) as starting:  # a process that loads the pool from the store now
+        r = starting.post("/models", json={"tasks": ["task1", "task0"]})
+        assert r.status_code == 503 and expert in r.json()["detail"] and "repairs it" in r.json()["detail"]
+        assert str(settings.data_dir.resolve()) not in r.text
+        after = starting.post("/models", json={"tasks": ["task2", "task0"]})
+        assert after.status_code == 200 and after.content == before.content
+        assert after.headers["etag"] == before.headers["etag"]
+        assert [t["name"] for t in starting.get("/tasks").json()["tasks"]] == ["task0", "task2"]
+        assert starting.get("/tasks/task1").status_code == 503
+        import_pool(services.db, services.blobs, pool.root, source="again")
+        assert starting.post("/models", json={"tasks": ["task1", "task0"]}).status_code == 200

@@ -84,22 +84,40 @@ def _corrupt(store, path: str) -> None:
     blob.write_bytes(bytes(data))
 
 
-def test_a_corrupt_blob_is_named_never_served_and_reimport_repairs_it(store, pool):
+def test_a_corrupt_expert_file_takes_out_its_task_only_and_reimport_repairs_it(store, pool):
     version = import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+    whole = PoolRegistry(store.db, store.blobs, store.settings.pools_dir).active()
+    expected = {t: whole.assembler.assemble([t, "task2"]).data for t in ("task0", "task1")}
     expert = pool.expert_info("task1")["onnx"]
     # The blob and the laid-out file are one (hard links): both are damaged.
     _corrupt(store, expert)
     fresh = PoolRegistry(store.db, store.blobs, store.settings.pools_dir, ttl=0)
-    with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot be served: file {expert}: "
-                                              r"blob \w+\.\.\. is corrupt; importing its bundle again") as e:
-        fresh.active()
-    assert str(store.settings.data_dir.resolve()) not in str(e.value)
-    assert import_pool(store.db, store.blobs, pool.root, source="again") == version
     served = fresh.active()
-    assert served.assembler.assemble(["task1"]).data == \
-        PoolRegistry(store.db, store.blobs, store.settings.pools_dir).active().assembler.assemble(["task1"]).data
+    assert served.tasks == whole.tasks and served.positions == whole.positions
+    assert list(served.damaged) == ["task1"]
+    with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot serve task1 \\(file {expert}: "
+                                              r"blob \w+\.\.\. is corrupt\); importing its bundle again") as e:
+        served.require(["task2", "task1"])
+    assert str(store.settings.data_dir.resolve()) not in str(e.value)
+    served.require(["task0", "task2"])
+    assert served.assembler.assemble(["task0", "task2"]).data == expected["task0"]  # the same bytes as ever
+    assert import_pool(store.db, store.blobs, pool.root, source="again") == version
+    healed = fresh.active()
+    assert healed.damaged == {} and healed.assembler.assemble(["task1", "task2"]).data == expected["task1"]
     for f in store.db.read(lambda s: s.scalars(select(PoolFile).where(PoolFile.pool_version == version)).all()):
         store.blobs.verify(f.sha256)
+
+
+def test_a_corrupt_library_takes_out_the_version_naming_the_file(store, pool):
+    version = import_pool(store.db, store.blobs, pool.root, source="test", activate=True)
+    library = pool.manifest["library"]["onnx"]
+    _corrupt(store, library)
+    fresh = PoolRegistry(store.db, store.blobs, store.settings.pools_dir, ttl=0)
+    with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot be served: file {library}: "
+                                              r"blob \w+\.\.\. is corrupt; importing its bundle again"):
+        fresh.active()
+    import_pool(store.db, store.blobs, pool.root, source="again")
+    assert fresh.active().damaged == {}
 
 
 def test_a_failed_load_is_not_retried_within_the_ttl(store, pool):

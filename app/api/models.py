@@ -114,6 +114,7 @@ def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str]:
 
 async def _model(request: Request, served: ServedPool, query: ModelQuery, file_format: str) -> ServedModel:
     serving = request.app.state.services.serving
+    served.require(query.tasks)
     served.pool.require_format(query.weights)
     model = serving.models.get(served, query)
     serving.counts.count(served.version, query.tasks)

@@ -30,7 +30,7 @@ async def list_tasks(served: ServedPoolDep) -> TaskList:
                     library={k: library[k] for k in ("params", "flops", "onnx_bytes")},
                     formats={w: FormatOut(**{k: v for k, v in pool.format_info(w).items()
                                              if k in FormatOut.model_fields}) for w in FORMATS},
-                    tasks=[_out(pool, t) for t in served.tasks])
+                    tasks=[_out(pool, t) for t in served.tasks if t not in served.damaged])
 
 
 @router.get("/tasks/{name}", response_model=TaskOut, summary="One primitive task of the active pool",
@@ -38,4 +38,5 @@ async def list_tasks(served: ServedPoolDep) -> TaskList:
 async def get_task(name: str, served: ServedPoolDep) -> TaskOut:
     if name not in served.tasks:
         raise NotFound(f"no primitive task {name!r}; valid tasks: {', '.join(served.tasks)}")
+    served.require([name])
     return _out(served.pool, name)
