@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -104,11 +107,15 @@ def extract(
     library_kd: Annotated[str, typer.Option(help="Library objective: kd (the paper's) or standardized (KD on z-scored logits).")] = DEFAULT.library_cfg.kd,
     temperature: float = DEFAULT.library_cfg.temperature, alpha: float = DEFAULT.expert_cfg.alpha,
     seed: int = 0,
+    split_seed: Annotated[int | None, typer.Option(help="Seed of the validation split (default: --seed), as an extraction job's data.seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32), fp32, bf16 or fp16.")] = "auto",
     fp16_logits: Annotated[bool, typer.Option(help="Store validation logits as fp16 in the pool.")] = False,
+    progress_json: Annotated[bool, typer.Option(help="Report progress as one JSON object per line on stdout (for a supervising process) instead of progress bars.")] = False,
 ) -> None:
-    """Distil the oracle into a library and experts; resumable; writes a pool bundle."""
+    """Distil the oracle into a library and experts; resumable; writes a pool bundle.
+    Under torchrun, data-parallel over its processes (see poe_core.distributed)."""
+    from poe_core import distributed
     from poe_core.bank import ViewRecipe
     from poe_core.device import PRECISIONS
     from poe_core.extract import PHASES, run_phase
@@ -143,24 +150,34 @@ def extract(
         tasks, oracle_with_val, _widths(expert_widths),
         ViewRecipe(bank_views, seed=seed) if bank_views else None, external,
     )
-    splits = _load(data, data_path, hierarchy, val_per_class, seed, download)
+    splits = _load(data, data_path, hierarchy, val_per_class, seed if split_seed is None else split_seed, download)
     if tasks:
         _validate_tasks(splits.taxonomy, tasks)
-    with ProgressBars() as bars:
-        for p in PHASES:
-            if p in phases:
-                try:
-                    info = run_phase(p, work, splits, plan, bars)
-                except OracleError as e:
-                    fail(str(e))
-                if info.get("val_acc"):
-                    console.print(f"{p}: best validation accuracy {_fmt(info['val_acc'])} "
-                                  f"({info['seconds']:.0f} s)")
-    if out is not None:
-        from poe_core.pool import build_pool_from_work
+    distributed.init(device)
+    try:
+        main = distributed.is_main()  # the other ranks of a torchrun job train silently
+        reports = ProgressBars() if main and not progress_json else contextlib.nullcontext()
+        with reports as bars:
+            for p in PHASES:
+                if p in phases:
+                    try:
+                        info = run_phase(p, work, splits, plan, _json_progress if progress_json and main else bars)
+                    except OracleError as e:
+                        fail(str(e))
+                    if info.get("val_acc") and main:
+                        console.print(f"{p}: best validation accuracy {_fmt(info['val_acc'])} "
+                                      f"({info['seconds']:.0f} s)")
+        if out is not None and main:
+            from poe_core.pool import build_pool_from_work
 
-        pool = build_pool_from_work(work, out, splits, fp16_logits=fp16_logits, progress=console.print)
-        console.print(f"pool {pool.pool_id} written to {out}")
+            pool = build_pool_from_work(work, out, splits, fp16_logits=fp16_logits, progress=console.print)
+            console.print(f"pool {pool.pool_id} written to {out}")
+    finally:
+        distributed.finish()
+
+
+def _json_progress(p) -> None:
+    print(json.dumps(dataclasses.asdict(p) | {"fraction": p.fraction}), flush=True)
 
 
 def _triple(text: str | None, flag: str) -> tuple[float, ...] | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from poe_core import distributed
 from poe_core.checkpoint import remove_checkpoint
 from poe_core.data import Splits
 from poe_core.device import machine_summary, pick_device, resolve_precision
@@ -146,7 +147,9 @@ def run_phase(
     phase: str, work: Path, splits: Splits, plan: ExtractionPlan,
     progress: ProgressFn | None = None,
 ) -> dict:
-    """Run one phase unless its result is already in `work`; return its figures."""
+    """Run one phase unless its result is already in `work`; return its figures.
+    Under torchrun every rank trains and rank 0 alone writes the result; the ranks
+    leave together, so the next phase finds it (see poe_core.distributed)."""
     from poe_core import train
 
     work.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,10 @@ def run_phase(
     ckpt = work / f"{phase}.checkpoint"
     if phase == "oracle":
         if plan.oracle is not None:
-            return bring_oracle(work, splits, plan.oracle)
+            with distributed.main_first():
+                if not phase_done(work, phase):
+                    bring_oracle(work, splits, plan.oracle)
+            return phase_info(work, phase)
         model, result = train.train_oracle(splits, plan.oracle_spec, plan.oracle_cfg,
                                            with_val=plan.oracle_with_val, checkpoint=ckpt, progress=progress)
         info = _figures(result, plan.oracle_cfg, plan.oracle_spec)
@@ -187,8 +193,12 @@ def run_phase(
     else:
         raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
     info["machine"] = machine_summary(pick_device(plan.oracle_cfg.device))
-    _save_phase(work, phase, state, info)
-    remove_checkpoint(ckpt)
+    if distributed.world_size() > 1:
+        info["processes"] = distributed.world_size()
+    if distributed.is_main():
+        _save_phase(work, phase, state, info)
+        remove_checkpoint(ckpt)
+    distributed.barrier()
     return info
 
 
@@ -209,7 +219,9 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
             progress(Progress("bank", 1, 1, done, total, 0.0))
 
     precision = resolve_precision(cfg.precision, device.type)
-    bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision, progress=report)
+    with distributed.main_first():  # rank 0 fills the bank; the others find it complete and read it
+        bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision,
+                          progress=report)
     return bank, {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
 
 

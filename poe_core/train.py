@@ -11,6 +11,9 @@ expert head takes its own CKD loss on the same features. The loss is the sum of 
 experts' losses and their parameters are disjoint, so each head receives exactly the
 gradient it would receive if trained alone; the joint pass is the paper's method, only
 without re-running the oracle and the library once per expert.
+
+Under torchrun the loop is data-parallel: each process trains on its slice of every
+batch (see poe_core.distributed).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poe_core import distributed
 from poe_core.bank import LogitBank
 from poe_core.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from poe_core.data import ImageSet, Normalize, Splits, batches
@@ -98,7 +102,11 @@ def _fit(
     """Train `trainables` for cfg.epochs and load each one's best-on-validation weights
     (with `validate=None`, for a model that trains on the validation images too, the
     last epoch's). `step_loss(x, y, t)` gets the bank's oracle logits `t` for the batch
-    when training from a logit bank, else None."""
+    when training from a logit bank, else None.
+
+    Under torchrun (see poe_core.distributed) each rank trains on its slice of every
+    batch; rank 0 alone validates and writes the checkpoint, and only its returned
+    modules are the phase's result."""
     device = pick_device(cfg.device)
     precision = _precision(cfg)
     params = [p for m in trainables.values() for p in m.parameters()]
@@ -112,7 +120,9 @@ def _fit(
     result = PhaseResult({n: -1.0 for n in trainables}, {n: 0 for n in trainables})
     best_states = {n: _clone_state(m) for n, m in trainables.items()}
     start_epoch = 1
-    if checkpoint is not None and checkpoint_exists(checkpoint):
+    with distributed.main_first():  # a checkpoint left half-renamed is recovered once
+        resume = checkpoint is not None and checkpoint_exists(checkpoint)
+    if resume:
         state = load_checkpoint(checkpoint, map_location=device)
         for n, m in trainables.items():
             m.load_state_dict(state["modules"][n])
@@ -125,6 +135,7 @@ def _fit(
                              state["seconds"], state["epoch"])
         start_epoch = state["epoch"] + 1
         log.info("%s: resuming after epoch %d from %s", phase, state["epoch"], checkpoint)
+    train_step = distributed.data_parallel(trainables, step_loss)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -137,11 +148,12 @@ def _fit(
                                                       normalize=normalize, device=device, channels_last=True))
         else:
             data = bank.batches(splits.train, cfg.batch_size, seed=seed, normalize=normalize, device=device)
-        for step, (x, y, t) in enumerate(data, 1):
+        for step, batch in enumerate(data, 1):
+            x, y, t, weight = distributed.shard(*batch)
             with autocast(device, precision):
-                loss = step_loss(x, y, t)
+                loss = train_step(x, y, t)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -151,7 +163,8 @@ def _fit(
             count += len(y)
             if progress is not None and (step % 10 == 0 or step == steps):
                 progress(Progress(phase, epoch, cfg.epochs, step, steps, total / count))
-        val = validate() if validate is not None else {}
+        total, count = distributed.all_sum(total, count)
+        val = validate() if validate is not None and distributed.is_main() else {}
         if validate is None:
             best_states = {n: _clone_state(m) for n, m in trainables.items()}
             result.best_epoch = {n: epoch for n in trainables}
@@ -167,7 +180,7 @@ def _fit(
                                "seconds": round(seconds, 1), "precision": precision})
         if progress is not None:
             progress(Progress(phase, epoch, cfg.epochs, steps, steps, total / max(count, 1), mean_val))
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             save_checkpoint({
                 "epoch": epoch,
                 "modules": {n: m.state_dict() for n, m in trainables.items()},
@@ -180,6 +193,7 @@ def _fit(
                 "history": result.history,
                 "seconds": result.seconds,
             }, checkpoint)
+        distributed.barrier()
 
     for n, m in trainables.items():
         m.load_state_dict(best_states[n])
