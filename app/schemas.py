@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poe_core.data import SOURCES
+from poe_core.recipe import ExtractionOptions
 
 
 class Strict(BaseModel):
@@ -118,25 +119,6 @@ class Readiness(BaseModel):
 # --- admin ------------------------------------------------------------------
 
 
-class Architecture(Strict):
-    depth: int = Field(ge=10, le=100, description="6n+4.")
-    kc: float = Field(gt=0, le=16)
-    ks: float = Field(gt=0, le=16)
-
-    @field_validator("depth")
-    @classmethod
-    def _wrn_depth(cls, depth: int) -> int:
-        if (depth - 4) % 6:
-            raise ValueError("WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...)")
-        return depth
-
-
-class PhaseOptions(Strict):
-    arch: Architecture
-    epochs: int = Field(ge=1, le=1000)
-    lr: float = Field(gt=0, le=10)
-
-
 # A path the file system can take: no NUL byte.
 DataPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 FILE_SOURCES = tuple(s for s in SOURCES if s not in ("synthetic", "image-folder"))
@@ -169,24 +151,15 @@ class ImageFolderData(DataOptions):
 DataSource = Annotated[SyntheticData | FileData | ImageFolderData, Field(discriminator="source")]
 
 
-class ExtractionRequest(Strict):
+class ExtractionRequest(ExtractionOptions):
+    """What to train (every field of poe_core.recipe.ExtractionOptions, with its defaults:
+    the same as `poe extract`'s), on which data, and what to do with the result. The
+    oracle's `file` and `classes` lie under one of POE_DATA_ROOTS, like the data."""
+
     data: DataSource
-    oracle: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=4, ks=4), epochs=15, lr=0.1)
-    library: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=1), epochs=15, lr=0.1)
-    experts: PhaseOptions = PhaseOptions(arch=Architecture(depth=16, kc=1, ks=0.25), epochs=10, lr=0.05)
-    tasks: list[str] | None = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},
-                                    description="Primitive tasks to train experts for; "
-                                                "default all of the data set's.")
     reuse: Literal["none", "oracle", "library"] = Field(
         "none", description="none: train everything; oracle: reuse the active pool's oracle; "
                             "library: reuse its oracle and library, train experts only.")
-    batch_size: int = Field(128, ge=1, le=4096)
-    precision: Literal["auto", "fp32"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.3, ge=0)
-    seed: int = 0
     activate: bool = Field(True, description="Activate the new pool version when the job succeeds.")
 
 

@@ -133,7 +133,6 @@ class OracleOptions(_Strict):
     arch: Architecture = Field(default_factory=lambda: Architecture.of(_DEFAULT.oracle_spec))
     epochs: int = Field(_DEFAULT.oracle_cfg.epochs, ge=1, le=1000)
     lr: float = Field(_DEFAULT.oracle_cfg.lr, gt=0, le=10)
-    label_smoothing: float = Field(_DEFAULT.oracle_cfg.label_smoothing, ge=0, lt=1)
     with_val: bool = Field(_DEFAULT.oracle_with_val, description="Train the oracle on the validation images "
                                                                   "too (fixed epochs, its last one kept).")
     file: FilePath | None = Field(None, description="Bring your own oracle instead of training one: a kept poe "
@@ -180,6 +179,8 @@ class ExtractionOptions(_Strict):
     batch_size: int = Field(_DEFAULT.oracle_cfg.batch_size, ge=1, le=4096)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    label_smoothing: float = Field(_DEFAULT.oracle_cfg.label_smoothing, ge=0, lt=1,
+                                   description="Label smoothing of the oracle's cross-entropy.")
     temperature: float = Field(_DEFAULT.library_cfg.temperature, gt=0)
     alpha: float = Field(_DEFAULT.expert_cfg.alpha, ge=0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -202,7 +203,7 @@ class ExtractionOptions(_Strict):
                                       tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None)
         return ExtractionPlan(
             o.arch.spec(), self.library.arch.spec(), self.experts.arch.spec(),
-            TrainConfig(epochs=o.epochs, lr=o.lr, label_smoothing=o.label_smoothing, **common),
+            TrainConfig(epochs=o.epochs, lr=o.lr, label_smoothing=self.label_smoothing, **common),
             TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd, **common),
             TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, **common),
             self.tasks, o.with_val, self.experts.widths,

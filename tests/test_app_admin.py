@@ -103,3 +103,46 @@ def test_data_paths_inside_the_roots(client, settings):
     escape = client.post("/admin/extractions", headers=ADMIN, json={"data": {"source": "cifar100-npy",
                                                                              "path": "escape"}})
     assert escape.status_code == 422
+
+
+def _onnx_classifier(path, classes):
+    import torch
+
+    from poe_core.nets import WideResNet, WRNSpec
+
+    torch.onnx.export(WideResNet(WRNSpec(10, 1, 1), classes).eval(), torch.zeros(1, 3, 16, 16), str(path),
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                      dynamo=False)
+
+
+def test_a_brought_oracle_is_checked_when_the_job_is_queued(client, settings):
+    root = settings.allowed_data_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    _onnx_classifier(root / "theirs.onnx", 6)
+    _onnx_classifier(root / "five.onnx", 5)
+    (root / "junk.onnx").write_bytes(b"not a model")
+    ok = client.post("/admin/extractions", headers=ADMIN, json=SYNTHETIC | {"oracle": {"file": "theirs.onnx"}})
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["request"]["oracle"]["file"] == str(root / "theirs.onnx")
+    client.post(f"/admin/jobs/{ok.json()['id']}/cancel", headers=ADMIN)
+    for body, message in [
+        ({"oracle": {"file": "junk.onnx"}}, "not an ONNX model"),
+        ({"oracle": {"file": "five.onnx"}}, "a classifier over the 6 declared classes"),
+        ({"oracle": {"file": "/etc/hostname"}}, "allowed data roots"),
+        ({"oracle": {"file": "theirs.onnx"}, "reuse": "oracle"}, "use reuse=none"),
+        ({"oracle": {"file": "theirs.onnx"}, "bank_views": 0}, "logit bank"),
+        ({"oracle": {"classes": "theirs.txt"}}, "give its file too"),
+    ]:
+        r = client.post("/admin/extractions", headers=ADMIN, json=SYNTHETIC | body)
+        assert r.status_code == 422 and message in str(r.json()["detail"]), (body, r.text)
+
+
+def test_extraction_defaults_are_the_command_lines(client):
+    from poe_core.recipe import ExtractionPlan
+
+    r = client.post("/admin/extractions", headers=ADMIN, json=SYNTHETIC)
+    stored = r.json()["request"]
+    client.post(f"/admin/jobs/{r.json()['id']}/cancel", headers=ADMIN)
+    from app.schemas import ExtractionRequest
+
+    assert ExtractionRequest.model_validate({k: v for k, v in stored.items()}).plan() == ExtractionPlan()

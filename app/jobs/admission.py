@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from sqlalchemy.orm import Session
 
 from app.schemas import ExtractionRequest
@@ -19,6 +20,7 @@ from app.store.pools import active_version
 from app.store.tables import PoolVersion
 from poe_core.data import make_synthetic
 from poe_core.extract import phase_done
+from poe_core.oracle import OracleError, load_onnx_oracle, load_poe_oracle, read_class_list
 from poe_core.taxonomy import Taxonomy, cifar100
 
 REUSED_PHASES = {"none": (), "oracle": ("oracle",), "library": ("oracle", "library")}
@@ -76,10 +78,41 @@ def prepare(session: Session, request: ExtractionRequest, roots: Sequence[Path])
             body["tasks"] = taxonomy.validate(request.tasks)
     except (ValueError, OSError) as e:  # a bad or unreadable hierarchy file, unknown or repeated tasks
         raise ExtractionRejected(str(e)) from None
+    if request.oracle.file is not None:
+        body["oracle"] = _brought_oracle(body["oracle"], request.reuse, roots, taxonomy, _image_shape(data))
     reused = REUSED_PHASES[request.reuse]
     if reused:
         body["reuse_from"] = _reuse_source(session, reused, taxonomy)
     return body
+
+
+def _image_shape(data: dict) -> tuple[int, ...]:
+    if data["source"] == "synthetic":
+        return make_synthetic(seed=data["seed"]).image_shape
+    return (3, 32, 32)  # CIFAR-100, and image folders at load_image_folder's default size
+
+
+def _brought_oracle(oracle: dict, reuse: str, roots: Sequence[Path], taxonomy: Taxonomy,
+                    image_shape: tuple[int, ...]) -> dict:
+    """Resolve an operator's oracle under the data roots and check, by loading and running
+    it once, that it is a classifier over the data set's classes (else 422 saying why)."""
+    if reuse != "none":
+        raise ExtractionRejected("a brought oracle replaces the oracle phase: use reuse=none with oracle.file")
+    oracle = dict(oracle)
+    path = resolve_data_path(oracle["file"], roots, "oracle file")
+    classes = resolve_data_path(oracle["classes"], roots, "oracle classes") if oracle["classes"] else None
+    oracle["file"], oracle["classes"] = str(path), str(classes) if classes else None
+    # The check runs the oracle on a blank batch, where the normalisation makes no difference.
+    mean, std = oracle["mean"] or [0.0] * 3, oracle["std"] or [1.0] * 3
+    try:
+        if path.suffix == ".onnx":
+            declared = read_class_list(classes) if classes else list(taxonomy.classes)
+            load_onnx_oracle(path, taxonomy.classes, declared, mean, std, image_shape)
+        else:
+            load_poe_oracle(path, taxonomy.classes, torch.device("cpu"))
+    except (OracleError, OSError) as e:
+        raise ExtractionRejected(f"oracle.file: {e}") from None
+    return oracle
 
 
 def _reuse_source(session: Session, phases: Sequence[str], taxonomy: Taxonomy) -> dict:

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Protocol
 
 from app.jobs.admission import resolve_data_path
-from app.schemas import ExtractionRequest, PhaseOptions
+from app.schemas import ExtractionRequest
 from poe_core.data import load_splits
-from poe_core.extract import PHASES, ExtractionPlan, phase_done, run_phase
-from poe_core.nets import WRNSpec
+from poe_core.extract import PHASES, phase_done, run_phase
 from poe_core.pool import build_pool_from_work
-from poe_core.train import Progress, TrainConfig
+from poe_core.train import Progress
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +27,6 @@ class Reporter(Protocol):
     def phase(self, name: str) -> None: ...
     def progress(self, percent: float, update: Progress) -> None: ...
     def line(self, text: str) -> None: ...
-
-
-def _config(request: ExtractionRequest, options: PhaseOptions, **extra) -> TrainConfig:
-    return TrainConfig(epochs=options.epochs, lr=options.lr, batch_size=request.batch_size,
-                       temperature=request.temperature, alpha=request.alpha, seed=request.seed,
-                       device=request.device, precision=request.precision, **extra)
-
-
-def plan_of(request: ExtractionRequest) -> ExtractionPlan:
-    def spec(options: PhaseOptions) -> WRNSpec:
-        return WRNSpec(options.arch.depth, options.arch.kc, options.arch.ks)
-
-    return ExtractionPlan(
-        spec(request.oracle), spec(request.library), spec(request.experts),
-        _config(request, request.oracle, label_smoothing=request.label_smoothing),
-        _config(request, request.library), _config(request, request.experts), request.tasks,
-    )
 
 
 def _copy_phase(source: Path, work: Path, phase: str) -> None:
@@ -73,7 +55,7 @@ def run_extraction(stored: dict, work: Path, roots: Sequence[Path], reporter: Re
     reporter.line(f"loading data set {data.source}" + (f" from {data.path}" if data.path else ""))
     splits = load_splits(data.source, data.path, hierarchy=data.hierarchy,
                          val_per_class=data.val_per_class, seed=data.seed)
-    plan = plan_of(request)
+    plan = request.plan()  # the oracle's file names were resolved when the job was admitted
     trained = [p for p in PHASES if not reuse or p not in reuse["phases"]]
     for i, phase in enumerate(trained):
         reporter.phase(phase)
