@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from poe_core.data import SOURCES, load_splits
 from poe_core.nets import WRNSpec
-from poe_core.recipe import ExtractionPlan, TrainConfig
+from poe_core.recipe import ExtractionPlan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pool of Experts: distil an oracle into a pool, assemble models from it.")
@@ -115,41 +115,36 @@ def extract(
 ) -> None:
     """Distil the oracle into a library and experts; resumable; writes a pool bundle.
     Under torchrun, data-parallel over its processes (see poe_core.distributed)."""
+    from pydantic import ValidationError
+
     from poe_core import distributed
-    from poe_core.bank import ViewRecipe
-    from poe_core.device import PRECISIONS
     from poe_core.extract import PHASES, run_phase
     from poe_core.oracle import OracleError
-    from poe_core.recipe import ExternalOracle
+    from poe_core.recipe import ExtractionOptions
 
     phases = phase or list(PHASES)
     bad = [p for p in phases if p not in PHASES]
     if bad:
         fail(f"unknown phase(s) {', '.join(bad)}; phases: {', '.join(PHASES)}")
-    if schedule not in ("onecycle", "cosine", "step", "constant"):
-        fail(f"unknown schedule {schedule!r}; use onecycle, cosine, step or constant")
-    if precision not in PRECISIONS:
-        fail(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if library_kd not in ("kd", "standardized"):
-        fail(f"unknown --library-kd {library_kd!r}; use kd or standardized")
-    if bank_views < 0:
-        fail("--bank-views must be 0 (no bank) or more")
-    common = dict(batch_size=batch_size, schedule=schedule, temperature=temperature, alpha=alpha,
-                  seed=seed, device=device, precision=precision)
-    external = None
-    if oracle is not None:
-        external = ExternalOracle(oracle, oracle_classes, _triple(oracle_mean, "--oracle-mean"),
-                                  _triple(oracle_std, "--oracle-std"))
-        if external.kind == "onnx" and bank_views == 0:
-            fail("an ONNX oracle is read through the logit bank: --bank-views must be at least 1")
-    plan = ExtractionPlan(
-        parse_spec(oracle_arch), parse_spec(library_arch), parse_spec(expert_arch),
-        TrainConfig(epochs=oracle_epochs, lr=oracle_lr, label_smoothing=label_smoothing, **common),
-        TrainConfig(epochs=library_epochs, lr=library_lr, kd=library_kd, **common),
-        TrainConfig(epochs=expert_epochs, lr=expert_lr, **common),
-        tasks, oracle_with_val, _widths(expert_widths),
-        ViewRecipe(bank_views, seed=seed) if bank_views else None, external,
-    )
+    def arch(text: str) -> dict:
+        spec = parse_spec(text)
+        return {"depth": spec.depth, "kc": spec.kc, "ks": spec.ks}
+
+    try:
+        options = ExtractionOptions(
+            oracle={"arch": arch(oracle_arch), "epochs": oracle_epochs, "lr": oracle_lr, "with_val": oracle_with_val,
+                    "file": str(oracle) if oracle else None,
+                    "classes": str(oracle_classes) if oracle_classes else None,
+                    "mean": _triple(oracle_mean, "--oracle-mean"), "std": _triple(oracle_std, "--oracle-std")},
+            library={"arch": arch(library_arch), "epochs": library_epochs, "lr": library_lr, "kd": library_kd},
+            experts={"arch": arch(expert_arch), "epochs": expert_epochs, "lr": expert_lr,
+                     "widths": _widths(expert_widths)},
+            tasks=tasks or None, bank_views=bank_views, batch_size=batch_size, schedule=schedule,
+            precision=precision, device=device, label_smoothing=label_smoothing, temperature=temperature,
+            alpha=alpha, seed=seed)
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    plan = options.plan()
     splits = _load(data, data_path, hierarchy, val_per_class, seed if split_seed is None else split_seed, download)
     if tasks:
         _validate_tasks(splits.taxonomy, tasks)
@@ -180,13 +175,13 @@ def _json_progress(p) -> None:
     print(json.dumps(dataclasses.asdict(p) | {"fraction": p.fraction}), flush=True)
 
 
-def _triple(text: str | None, flag: str) -> tuple[float, ...] | None:
+def _triple(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        values = ()
+        values = []
     if len(values) != 3 or (flag.endswith("std") and min(values) <= 0):
         fail(f"{flag} {text!r} is not three numbers R,G,B" + (" above 0" if flag.endswith("std") else ""))
     return values

@@ -177,6 +177,7 @@ class ExtractionOptions(_Strict):
     bank_views: int = Field(_DEFAULT.bank.views, ge=0, le=64, description="Augmented views per training image in "
                             "the oracle's logit bank; 0 runs the oracle on every batch (not for ONNX oracles).")
     batch_size: int = Field(_DEFAULT.oracle_cfg.batch_size, ge=1, le=4096)
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = _DEFAULT.oracle_cfg.schedule
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     label_smoothing: float = Field(_DEFAULT.oracle_cfg.label_smoothing, ge=0, lt=1,
@@ -194,8 +195,8 @@ class ExtractionOptions(_Strict):
     def plan(self, resolve: Callable[[str], Path] = Path) -> ExtractionPlan:
         """The plan these options describe; `resolve` turns the oracle's file names into
         paths (the API resolves them under its data roots)."""
-        common = dict(batch_size=self.batch_size, temperature=self.temperature, alpha=self.alpha, seed=self.seed,
-                      device=self.device, precision=self.precision)
+        common = dict(batch_size=self.batch_size, schedule=self.schedule, temperature=self.temperature,
+                      alpha=self.alpha, seed=self.seed, device=self.device, precision=self.precision)
         o = self.oracle
         external = None
         if o.file is not None:
