@@ -74,6 +74,9 @@ class ModelOut(BaseModel):
                                        "its classes, from the pool's cached logits.")
     val_acc_by_format: dict[str, float | None] = Field(
         description="The same accuracy in every weight format; null where the pool refuses the format.")
+    val_acc_by_class: dict[str, float] = Field(
+        description="Per label, in output order: the share of that class's validation images the model "
+                    "ranks first; their mean is val_acc.")
     input: InputSpec
     created_at: datetime
     download_url: str

@@ -185,6 +185,15 @@ class Pool:
         """Exact validation accuracy of the delivered model on the images of its classes."""
         return task_specific_accuracy(self.query_logits(q, weights), self.val_labels, q.classes)
 
+    def accuracy_by_class(self, q: Query, weights: str = "fp32") -> dict[str, float]:
+        """Per output class of the delivered model, in its order: the share of that class's
+        validation images it ranks first among its classes. With equal images per class
+        their mean is `accuracy`."""
+        predicted = self.query_logits(q, weights).argmax(1)
+        names = self.taxonomy.classes
+        return {names[c]: (predicted[self.val_labels == c] == i).float().mean().item()
+                for i, c in enumerate(q.classes)}
+
     def mask_accuracy(self, q: Query, weights: str = "fp32") -> float:
         """What the SMART mask baseline scores on the same query (Unavailable without a student)."""
         self.require("mask")

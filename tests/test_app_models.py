@@ -165,3 +165,18 @@ def test_health_ready_docs_and_page(client, versions):
 ])
 def test_accept_negotiation(accept, expected):
     assert wants_json(accept) is expected
+
+
+def test_per_class_accuracy_is_what_the_delivered_model_does(client, pool, synthetic):
+    meta = client.post("/models", json={"tasks": ["task1", "task2"], "options": {"weights": "int8"}},
+                       headers=JSON).json()
+    by_class = meta["val_acc_by_class"]
+    assert list(by_class) == meta["labels"]
+    assert sum(by_class.values()) / len(by_class) == pytest.approx(meta["val_acc"])
+    model = client.get(meta["download_url"]).content
+    mean = np.array(meta["input"]["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.array(meta["input"]["std"], np.float32).reshape(1, -1, 1, 1)
+    for column, label in enumerate(meta["labels"]):
+        images = synthetic.val.x[synthetic.val.y == synthetic.taxonomy.classes.index(label)]
+        predicted = _run(model, ((images.numpy().astype(np.float32) / 255) - mean) / std).argmax(1)
+        assert by_class[label] == pytest.approx(float((predicted == column).mean()))

@@ -84,7 +84,7 @@ def model_out(model: ServedModel, base_url: str) -> ModelOut:
         id=info.id, pool_version=info.pool_version, pool_id=info.pool_id, tasks=list(info.tasks),
         labels=list(info.labels), output=info.output, weights=info.weights, format=info.format,
         params=info.params, flops=info.flops, bytes=info.size, sha256=info.sha256, val_acc=info.val_acc,
-        val_acc_by_format=info.val_acc_by_format,
+        val_acc_by_format=info.val_acc_by_format, val_acc_by_class=info.val_acc_by_class,
         input=InputSpec(shape=["batch", *info.image_shape], **info.normalization), created_at=info.created_at,
         download_url=url,
     )

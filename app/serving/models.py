@@ -97,6 +97,7 @@ class ModelInfo:
     flops: int
     val_acc: float
     val_acc_by_format: dict[str, float | None]
+    val_acc_by_class: dict[str, float]
     normalization: dict
     image_shape: list[int]
     created_at: datetime
@@ -151,6 +152,7 @@ class ServedModel:
             output=q.output, weights=q.weights, format=self.format, sha256=self.sha256, size=self.size,
             labels=self.labels, params=pool.composite_params(q.tasks), flops=pool.composite_flops(q.tasks),
             val_acc=by_format[q.weights], val_acc_by_format=by_format,
+            val_acc_by_class=pool.accuracy_by_class(pool.query(q.tasks), q.weights),
             normalization={"mean": pool.mean, "std": pool.std}, image_shape=pool.image_shape,
             # The model exists, as a function, since its pool version does.
             created_at=self.served.created_at,
