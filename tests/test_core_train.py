@@ -71,17 +71,19 @@ def test_joint_training_equals_training_each_expert_alone(work_dir, synthetic):
         assert joint_result.best_val_acc[task] == alone_result.best_val_acc[task]
 
 
+class Stop(Exception):
+    """An interruption in the middle of a run."""
+
+
+def stop_in_epoch_three(p):
+    if p.epoch == 3:
+        raise Stop
+
+
 def test_resumed_training_equals_uninterrupted(tmp_path, synthetic):
     plan = tiny_plan()
     cfg3 = TrainConfig(**(plan.oracle_cfg.to_dict() | {"epochs": 3}))
     full, _ = train_oracle(synthetic, plan.oracle_spec, cfg3)
-
-    class Stop(Exception):
-        pass
-
-    def stop_in_epoch_three(p):
-        if p.epoch == 3:
-            raise Stop
 
     ckpt = tmp_path / "oracle.ckpt"
     with pytest.raises(Stop):
@@ -101,13 +103,6 @@ def test_an_oracle_on_train_and_val_resumes_and_keeps_its_last_epoch(tmp_path, s
     full, full_result = train_oracle(synthetic, plan.oracle_spec, cfg3, with_val=True)
     assert full_result.best_epoch == {"oracle": 3}
     assert all(h["val_acc"] is None for h in full_result.history)
-
-    class Stop(Exception):
-        pass
-
-    def stop_in_epoch_three(p):
-        if p.epoch == 3:
-            raise Stop
 
     ckpt = tmp_path / "oracle.checkpoint"
     with pytest.raises(Stop):
