@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from poe_core.files import sha256_file as file_sha256
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+__all__ = ["atomic_write", "file_sha256"]
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes, *, mode: int = 0o600,

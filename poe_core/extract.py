@@ -30,8 +30,9 @@ from poe_core import distributed
 from poe_core.checkpoint import remove_checkpoint
 from poe_core.data import Splits
 from poe_core.device import machine_summary, pick_device, resolve_precision
+from poe_core.files import atomic_write, sha256_file
 from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
-from poe_core.oracle import Oracle, OracleError, file_sha256, load_onnx_oracle, load_poe_oracle, read_class_list
+from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle, read_class_list
 from poe_core.recipe import ExternalOracle, ExtractionPlan, Progress, ProgressFn, TrainConfig
 
 __all__ = ["PHASES", "ExtractionPlan", "ExternalOracle", "load_expert_widths", "load_experts", "load_oracle",
@@ -52,8 +53,7 @@ def _save_phase(work: Path, phase: str, state: dict[str, torch.Tensor], info: di
 
 
 def _write_info(work: Path, phase: str, info: dict) -> None:
-    (work / f"{phase}.json.tmp").write_text(json.dumps(info, indent=2))
-    os.replace(work / f"{phase}.json.tmp", work / f"{phase}.json")
+    atomic_write(work / f"{phase}.json", json.dumps(info, indent=2))
 
 
 def phase_done(work: Path, phase: str) -> bool:
@@ -133,7 +133,7 @@ def bring_oracle(work: Path, splits: Splits, external: ExternalOracle) -> dict:
         load_onnx_oracle(path, splits.taxonomy.classes, classes, mean, std, splits.image_shape)
         shutil.copyfile(path, work / ONNX_ORACLE)
         info = {"kind": "onnx", "classes": classes, "normalization": {"mean": list(mean), "std": list(std)},
-                "source": path.name, "sha256": file_sha256(path), "val_acc": {}, "seconds": 0.0}
+                "source": path.name, "sha256": sha256_file(path), "val_acc": {}, "seconds": 0.0}
     else:
         oracle = load_poe_oracle(path, splits.taxonomy.classes, torch.device("cpu"))
         info = json.loads(path.with_suffix(".json").read_text())

@@ -9,7 +9,6 @@ its declared classes with its own normalisation, which is all the logit bank nee
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,17 +20,13 @@ from torch import nn
 
 from poe_core.data import Normalize
 from poe_core.device import autocast
+from poe_core.files import sha256_file
 
 KINDS = ("poe-wrn", "onnx")
 
 
 class OracleError(ValueError):
     """The file is not a usable oracle for this data set (message says why)."""
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -86,7 +81,7 @@ def load_poe_oracle(weights: Path, classes: Sequence[str], device: torch.device)
     except RuntimeError as e:
         raise OracleError(f"{weights} is not a WRN over {len(classes)} classes: {str(e).splitlines()[0]}") from e
     model = model.to(device, memory_format=torch.channels_last)
-    return from_module(model, classes, norm["mean"], norm["std"], file_sha256(weights))
+    return from_module(model, classes, norm["mean"], norm["std"], sha256_file(weights))
 
 
 def load_onnx_oracle(
@@ -120,7 +115,7 @@ def load_onnx_oracle(
     index = {c: i for i, c in enumerate(oracle_classes)}
     columns = np.array([index[c] for c in classes])
     identity = len(oracle_classes) == len(classes) and (columns == np.arange(len(classes))).all()
-    return Oracle("onnx", list(classes), tuple(mean), tuple(std), file_sha256(path), session=session,
+    return Oracle("onnx", list(classes), tuple(mean), tuple(std), sha256_file(path), session=session,
                   input_name=inputs[0].name, columns=None if identity else columns)
 
 
