@@ -19,7 +19,8 @@ from poe_core.recipe import ExtractionPlan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pool of Experts: distil an oracle into a pool, assemble models from it.")
-console = Console(stderr=True)
+# soft_wrap: a message is one line whatever the width of the terminal or pipe it goes to.
+console = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -283,11 +284,10 @@ def query(
     if as_json:
         print(json.dumps(summary))
         return
-    # soft_wrap: one line per summary, whatever the width of the terminal or pipe.
     console.print(f"{output}: {len(model.labels)} classes from {len(q.tasks)} experts ({q.method}), {weights} "
                   f"weights, {summary['params']:,} parameters, {len(data):,} bytes, validation accuracy "
                   f"{summary['val_acc']:.2%}, rejects {_fmt_rate(reject.reject_rate_out_of_task)} of other "
-                  f"validation images by {reject.score}, built in {ms:.2f} ms", soft_wrap=True)
+                  f"validation images by {reject.score}, built in {ms:.2f} ms")
 
 
 def _fmt_rate(rate: float | None) -> str:
