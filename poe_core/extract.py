@@ -212,6 +212,10 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
     if plan.bank is None:
         if oracle.module is None:
             raise OracleError("an ONNX oracle is run through a logit bank: give the plan a view recipe")
+        if (oracle.mean, oracle.std) != (tuple(splits.mean), tuple(splits.std)):
+            # Run live, the oracle would see images normalised for the students.
+            raise OracleError("the oracle was trained with another normalisation than this data set's: "
+                              "read it through a logit bank (bank views >= 1)")
         return oracle.module, {"teacher": "live oracle"}
 
     def report(done: int, total: int) -> None:

@@ -202,6 +202,8 @@ def test_normalisation_is_the_training_images_and_travels_with_the_oracle(tmp_pa
     run_phase("oracle", tmp_path / "w", brighter, plan)
     kept = load_oracle(tmp_path / "w", brighter, CPU)
     assert (kept.mean, kept.std) == (synthetic.mean, synthetic.std)
+    with pytest.raises(OracleError, match="another normalisation"):  # run live it would see other inputs
+        run_phase("library", tmp_path / "w", brighter, replace(plan, bank=None))
     norm = Normalize(synthetic.mean, synthetic.std, CPU)
     wrn = load_wrn(work_dir, "oracle", 6)
     with torch.no_grad():
