@@ -23,7 +23,7 @@ class Services:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = BlobStore.open(settings.blob_dir, settings.blob_url)
         self.serving = Serving(settings, self.db, self.blobs)
 
     @property

@@ -16,6 +16,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Blobs, the SQLite file, work directories.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    blob_url: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$",
+        description="s3://bucket/prefix: blobs in an S3-compatible bucket shared by every replica and worker "
+                    "(credentials and endpoint from the AWS_* variables), data_dir/blobs their local cache; "
+                    "default: blobs in data_dir/blobs alone.")
     admin_token: str | None = Field(None, description="Bearer token of the admin API.")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
@@ -39,6 +44,12 @@ class Settings(BaseSettings):
                                                     "sets it when it runs one).")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
                                    description="Base URL of download links; default relative links.")
+
+    @field_validator("blob_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):
+        # docker-compose passes an unset variable as an empty one
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -74,6 +85,7 @@ class Settings(BaseSettings):
 
     @property
     def blob_dir(self) -> Path:
+        """The blobs, or with blob_url this host's cache of the bucket's."""
         return self.data_dir / "blobs"
 
     @property

@@ -46,5 +46,6 @@ def pool(tmp_path_factory, work_dir, synthetic) -> Pool:
     return build_pool_from_work(work_dir, tmp_path_factory.mktemp("pools") / "synthetic", synthetic)
 
 
-# The service's fixtures (store, API client, worker processes) live in their own module.
-pytest_plugins = ["service_fixtures"]
+# The service's fixtures (store, API client, worker processes) and the S3 server live in
+# modules of their own.
+pytest_plugins = ["service_fixtures", "s3_server"]

@@ -1,6 +1,8 @@
 import os
+import socket
 
 import pytest
+from s3_server import s3_client
 
 from app.files import file_sha256
 from app.store.blobs import BlobError, BlobStore
@@ -64,3 +66,67 @@ def test_link_to_lays_out_a_verified_copy(tmp_path):
     digest = blobs.put_file(_source(tmp_path, b"logits"))
     blobs.link_to(digest, tmp_path / "pool" / "logits" / "x.npy")
     assert (tmp_path / "pool" / "logits" / "x.npy").read_bytes() == b"logits"
+
+
+# With POE_BLOB_URL: blobs in a bucket of a real S3 server (moto), each BlobStore below
+# one replica's cache directory.
+
+def _bucket_blobs(tmp_path, s3, name: str) -> BlobStore:
+    return BlobStore.open(tmp_path / name, s3[0])
+
+
+def test_bucket_blob_is_shared_through_each_replicas_cache(tmp_path, s3):
+    url, bucket, env = s3
+    source = _source(tmp_path, b"library part" * 500)
+    a = _bucket_blobs(tmp_path, s3, "a")
+    digest = a.put_file(source)
+    keys = [o["Key"] for o in s3_client(env["AWS_ENDPOINT_URL"]).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == [f"blobs/{digest[:2]}/{digest[2:]}"]
+    b = _bucket_blobs(tmp_path, s3, "b")
+    assert not b.path(digest).exists()
+    b.link_to(digest, tmp_path / "pool-b" / "library.onnx")
+    assert (tmp_path / "pool-b" / "library.onnx").read_bytes() == b"library part" * 500
+    assert b.path(digest).read_bytes() == b"library part" * 500  # cached: read once from the bucket
+    assert list(b.tmp.iterdir()) == []
+
+
+def test_corrupt_object_is_never_cached_and_put_file_repairs_it(tmp_path, s3):
+    url, bucket, env = s3
+    source = _source(tmp_path, b"expert part")
+    digest = _bucket_blobs(tmp_path, s3, "a").put_file(source)
+    client = s3_client(env["AWS_ENDPOINT_URL"])
+    client.put_object(Bucket=bucket, Key=f"blobs/{digest[:2]}/{digest[2:]}", Body=b"expert pXrt")
+    b = _bucket_blobs(tmp_path, s3, "b")
+    with pytest.raises(BlobError, match="corrupt") as e:
+        b.link_to(digest, tmp_path / "pool-b" / "part.onnx")
+    assert bucket not in str(e.value) and "127.0.0.1" not in str(e.value)
+    assert not b.path(digest).exists() and list(b.tmp.iterdir()) == []
+    assert _bucket_blobs(tmp_path, s3, "c").put_file(source) == digest  # importing the bundle again
+    b.verify(digest)
+    assert b.path(digest).read_bytes() == b"expert part"
+
+
+def test_corrupt_cached_copy_is_fetched_again(tmp_path, s3):
+    digest = _bucket_blobs(tmp_path, s3, "a").put_file(_source(tmp_path, b"weights"))
+    b = _bucket_blobs(tmp_path, s3, "b")
+    b.verify(digest)
+    os.chmod(b.path(digest), 0o644)
+    b.path(digest).write_bytes(b"weighty")
+    b.link_to(digest, tmp_path / "pool-b" / "w.safetensors")
+    assert (tmp_path / "pool-b" / "w.safetensors").read_bytes() == b"weights"
+
+
+def test_missing_object_is_reported(tmp_path, s3):
+    with pytest.raises(BlobError, match="missing"):
+        _bucket_blobs(tmp_path, s3, "a").verify("0" * 64)
+
+
+def test_unreachable_bucket_is_a_blob_error_without_its_address(tmp_path, s3, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    blobs = _bucket_blobs(tmp_path, s3, "a")
+    with pytest.raises(BlobError, match="cannot be fetched from the object store") as e:
+        blobs.verify("0" * 64)
+    assert str(closed) not in str(e.value)
