@@ -166,6 +166,29 @@ class ExtractionRequest(ExtractionOptions):
     activate: bool = Field(True, description="Activate the new pool version when the job succeeds.")
 
 
+class TaskRequest(Strict):
+    """A custom primitive task: one expert for `classes`, trained by conditional KD from
+    the active pool's kept oracle on its frozen library, added to a new pool version.
+    Training options left out take the values the pool's own experts were trained with."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="The new primitive task's name; not one of the pool's.")
+    classes: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=10000, json_schema_extra={"uniqueItems": True},
+        description="Class names of the pool's data set, in the order the expert outputs them.")
+    data: DataSource | None = Field(None, description="The data set the active pool was built on; default: "
+                                                      "the data of the job that built it.")
+    epochs: int | None = Field(None, ge=1, le=1000)
+    lr: float | None = Field(None, gt=0, le=10)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    bank_views: int = Field(8, ge=0, le=64, description="Views of a logit bank filled for this task, when "
+                            "no bank of the pool's oracle is found to reuse; 0 runs the oracle on every batch.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    activate: bool = Field(True, description="Activate the new pool version when the job succeeds.")
+
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 

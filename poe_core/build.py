@@ -11,6 +11,7 @@ point of validation accuracy on average over composite tasks (the accuracy-drop 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -40,6 +41,7 @@ from poe_core.formats import FORMATS, INT8_METHOD, fp16_model, quantize_int8
 from poe_core.manifest import Manifest, pool_id, width_key
 from poe_core.nets import ExpertHead, Library, WRNSpec, count_flops, count_params
 from poe_core.pool import LIBRARY_OUTPUT, STUDENT, Pool, PoolError, load_pool, part_key
+from poe_core.taxonomy import Taxonomy
 
 OPSET = 17
 # int8 is offered only if, over composite tasks of DROP_TASKS primitive tasks (all of
@@ -91,14 +93,24 @@ def onnx_logits(library_onnx: bytes, part_onnx: Mapping[str, bytes], images: Ima
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def calibration_images_of(splits: Splits, n: int) -> ImageSet:
+    """The int8 calibration images: a fixed random sample of n training images."""
+    return splits.train.subset(torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:n])
+
+
 def int8_parts(library_onnx: bytes, part_onnx: Mapping[str, bytes], calibration: ImageSet,
                mean, std) -> tuple[bytes, dict[str, bytes]]:
     """The library and every head part quantized separately: the library calibrated on
     `calibration` images, the heads on the fp32 library's features of those images."""
     x = normalised(calibration, mean, std)
+    return quantize_int8(library_onnx, "input", x), int8_heads(library_onnx, part_onnx, x)
+
+
+def int8_heads(library_onnx: bytes, part_onnx: Mapping[str, bytes], x: np.ndarray) -> dict[str, bytes]:
+    """Head parts quantized to int8, calibrated on the fp32 library's features of the
+    normalised calibration images `x`."""
     features = _ort_session(library_onnx).run(None, {"input": x})[0]
-    return (quantize_int8(library_onnx, "input", x),
-            {k: quantize_int8(b, LIBRARY_OUTPUT, features) for k, b in part_onnx.items()})
+    return {k: quantize_int8(b, LIBRARY_OUTPUT, features) for k, b in part_onnx.items()}
 
 
 def composite_samples(tasks: Sequence[str], n: int, limit: int = DROP_SAMPLES, seed: int = 0) -> list[tuple[str, ...]]:
@@ -202,8 +214,7 @@ def build_pool(
             f"to ONNX in {export_seconds:.1f} s")
 
         t0 = time.perf_counter()
-        calibration = splits.train.subset(
-            torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:calibration_images])
+        calibration = calibration_images_of(splits, calibration_images)
         library_int8, parts_int8 = int8_parts(library_onnx, part_onnx, calibration, splits.mean, splits.std)
         quantize_seconds = time.perf_counter() - t0
         say(f"quantized the library and {len(part_onnx)} head parts to int8 in {quantize_seconds:.1f} s")
@@ -212,17 +223,7 @@ def build_pool(
                           "fp16": (fp16_model(library_onnx), {k: fp16_model(b) for k, b in part_onnx.items()}),
                           "int8": (library_int8, parts_int8)}
         val_labels = splits.val.y
-        logits: dict[str, dict[str, torch.Tensor]] = {}
-        val_acc: dict[str, dict[str, float]] = {}
-        for fmt, (lib_part, head_parts) in onnx_by_format.items():
-            computed = onnx_logits(lib_part, head_parts, splits.val, splits.mean, splits.std)
-            logits[fmt], val_acc[fmt] = {}, {}
-            for k, array in computed.items():
-                stored = array.astype(np.float16 if fp16_logits else np.float32)
-                _write(tmp, files[k][fmt]["logits"], _npy(stored))
-                logits[fmt][k] = torch.from_numpy(stored.astype(np.float32))
-                classes = list(range(len(taxonomy.classes))) if k == STUDENT else taxonomy.tasks[k.rsplit("@", 1)[0]]
-                val_acc[fmt][k] = task_specific_accuracy(logits[fmt][k], val_labels, classes)
+        logits, val_acc = _validation_logits(tmp, onnx_by_format, files, splits, fp16_logits)
         _write(tmp, "logits/val_labels.npy", _npy(val_labels.numpy().astype(np.int16)))
         oracle_entry = None
         if oracle is not None:
@@ -238,18 +239,9 @@ def build_pool(
                          "flops": count_flops(library, shape),
                          "formats": {"fp16": {}, "int8": {"onnx": library_files["int8"]["onnx"],
                                                          "onnx_bytes": len(library_int8)}}}
-        entries = {}
-        for k, head in heads.items():
-            f = files[k]
-            _write(tmp, f["weights"], _safetensors(head))
-            _write(tmp, f["fp32"]["onnx"], part_onnx[k])
-            _write(tmp, f["int8"]["onnx"], parts_int8[k])
-            entries[k] = {"weights": f["weights"], "onnx": f["fp32"]["onnx"], "onnx_bytes": len(part_onnx[k]),
-                          "logits": f["fp32"]["logits"], "val_acc": val_acc["fp32"][k],
-                          "params": count_params(head), "flops": count_flops(head, features.shape[1:]),
-                          "formats": {"fp16": {"logits": f["fp16"]["logits"], "val_acc": val_acc["fp16"][k]},
-                                      "int8": {"onnx": f["int8"]["onnx"], "onnx_bytes": len(parts_int8[k]),
-                                               "logits": f["int8"]["logits"], "val_acc": val_acc["int8"][k]}}}
+        entries = {k: _head_entry(tmp, files[k], head, part_onnx[k], parts_int8[k],
+                                  {f: val_acc[f][k] for f in FORMATS}, features.shape[1:])
+                   for k, head in heads.items()}
 
         formats = _format_policy(logits, val_labels, taxonomy, tasks, default, int8_max_mean_drop, say)
         formats["int8"] |= {"method": INT8_METHOD, "calibration_images": len(calibration),
@@ -272,6 +264,111 @@ def build_pool(
             files={p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         )
         stored = manifest.model_dump(mode="json")
+        stored["pool_id"] = pool_id(stored)
+        (tmp / "manifest.json").write_text(json.dumps(stored, indent=1))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_pool(out)
+
+
+def _validation_logits(tmp: Path, onnx_by_format: Mapping[str, tuple[bytes, Mapping[str, bytes]]],
+                       files: Mapping[str, dict], splits: Splits, fp16_logits: bool):
+    """Every head part's validation logits per weight format, computed by onnxruntime on
+    that format's parts and written to the bundle; and each part's task-specific
+    validation accuracy from the stored logits (format -> part key -> ...)."""
+    taxonomy = splits.taxonomy
+    logits: dict[str, dict[str, torch.Tensor]] = {}
+    val_acc: dict[str, dict[str, float]] = {}
+    for fmt, (lib_part, head_parts) in onnx_by_format.items():
+        computed = onnx_logits(lib_part, head_parts, splits.val, splits.mean, splits.std)
+        logits[fmt], val_acc[fmt] = {}, {}
+        for k, array in computed.items():
+            stored = array.astype(np.float16 if fp16_logits else np.float32)
+            _write(tmp, files[k][fmt]["logits"], _npy(stored))
+            logits[fmt][k] = torch.from_numpy(stored.astype(np.float32))
+            classes = list(range(len(taxonomy.classes))) if k == STUDENT else taxonomy.tasks[k.rsplit("@", 1)[0]]
+            val_acc[fmt][k] = task_specific_accuracy(logits[fmt][k], splits.val.y, classes)
+    return logits, val_acc
+
+
+def _head_entry(tmp: Path, f: dict, head: nn.Module, onnx_fp32: bytes, onnx_int8: bytes,
+                val_acc: Mapping[str, float], feature_shape) -> dict:
+    """Write a head part's weights and ONNX files; return its manifest entry."""
+    _write(tmp, f["weights"], _safetensors(head))
+    _write(tmp, f["fp32"]["onnx"], onnx_fp32)
+    _write(tmp, f["int8"]["onnx"], onnx_int8)
+    return {"weights": f["weights"], "onnx": f["fp32"]["onnx"], "onnx_bytes": len(onnx_fp32),
+            "logits": f["fp32"]["logits"], "val_acc": val_acc["fp32"],
+            "params": count_params(head), "flops": count_flops(head, feature_shape),
+            "formats": {"fp16": {"logits": f["fp16"]["logits"], "val_acc": val_acc["fp16"]},
+                        "int8": {"onnx": f["int8"]["onnx"], "onnx_bytes": len(onnx_int8),
+                                 "logits": f["int8"]["logits"], "val_acc": val_acc["int8"]}}}
+
+
+def extend_pool(pool: Pool, out: str | Path, *, task: str, classes: Sequence[int],
+                experts: Mapping[float, ExpertHead], splits: Splits, training: dict,
+                progress: Callable[[str], None] | None = None) -> Pool:
+    """A new bundle at `out` (written atomically): every file of `pool` copied byte for
+    byte, plus primitive task `task` over class indices `classes` with its expert at
+    every width the pool holds (`experts`: ks -> head), exported, quantized and
+    evaluated on the validation split as build_pool does it for every expert. The
+    manifest gains the task, its files and `training` under `training.added_tasks`;
+    the weight-format policy stays the pool's (decided on its first tasks). `splits`
+    must be the pool's data set: its validation images give the cached logits."""
+    out = Path(out)
+    say = progress or (lambda _msg: None)
+    if task in pool.spec.experts:
+        raise ValueError(f"pool {pool.pool_id} already has a primitive task {task!r}")
+    if sorted(experts) != sorted(pool.widths):
+        raise ValueError(f"the new expert's widths {sorted(experts)} are not the pool's {pool.widths}")
+    if not torch.equal(splits.val.y, pool.val_labels):
+        raise ValueError(f"these validation images are not those of pool {pool.pool_id}")
+    spec = pool.spec.model_dump(mode="json")
+    spec["taxonomy"]["tasks"][task] = list(classes)
+    taxonomy = Taxonomy.from_dict(spec["taxonomy"])
+    splits = dataclasses.replace(splits, taxonomy=taxonomy, mean=tuple(pool.mean), std=tuple(pool.std))
+    files = {part_key(task, w): _files(f"{_slug(task, len(pool.tasks))}@{width_key(w)}", "experts")
+             for w in experts}
+    heads = {part_key(task, w): head.cpu().float().eval() for w, head in experts.items()}
+    fp16_logits = np.load(pool.path(pool.part(pool.tasks[0]).logits)).dtype == np.float16
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for rel in pool.spec.files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pool.path(rel), tmp / rel)
+        t0 = time.perf_counter()
+        library_onnx = pool.path(pool.spec.library.onnx).read_bytes()
+        with torch.no_grad():
+            features = pool.library(torch.zeros(1, *pool.image_shape))
+        part_onnx = {k: export_onnx(h, features, LIBRARY_OUTPUT, "logits") for k, h in heads.items()}
+        x = normalised(calibration_images_of(splits, pool.spec.formats["int8"].model_extra.get(
+            "calibration_images", CALIBRATION_IMAGES)), pool.mean, pool.std)
+        parts_int8 = int8_heads(library_onnx, part_onnx, x)
+        library_int8 = pool.path(pool.spec.library.files("int8").onnx).read_bytes()
+        onnx_by_format = {"fp32": (library_onnx, part_onnx),
+                          "fp16": (fp16_model(library_onnx), {k: fp16_model(b) for k, b in part_onnx.items()}),
+                          "int8": (library_int8, parts_int8)}
+        _, val_acc = _validation_logits(tmp, onnx_by_format, files, splits, fp16_logits)
+        entries = {w: _head_entry(tmp, files[k], heads[k], part_onnx[k], parts_int8[k],
+                                  {f: val_acc[f][k] for f in FORMATS}, features.shape[1:])
+                   for w in experts for k in [part_key(task, w)]}
+        say(f"exported, quantized and evaluated the expert of {task} at {len(entries)} width(s) in "
+            f"{time.perf_counter() - t0:.1f} s")
+        spec["experts"][task] = {"classes": [taxonomy.classes[c] for c in classes], "width": pool.default_width,
+                                 "widths": {width_key(w): e for w, e in entries.items()}}
+        spec["training"]["added_tasks"] = [*spec["training"].get("added_tasks", []), training]
+        spec["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        spec["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                         for p in sorted(tmp.rglob("*")) if p.is_file()}
+        spec["pool_id"] = ""
+        stored = Manifest.model_validate(spec).model_dump(mode="json")
         stored["pool_id"] = pool_id(stored)
         (tmp / "manifest.json").write_text(json.dumps(stored, indent=1))
         os.chmod(tmp, 0o755)

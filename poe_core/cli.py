@@ -351,5 +351,43 @@ def _split_words(values: list[str]) -> list[str]:
     return [w for v in values for w in v.replace(",", " ").split()]
 
 
+@app.command("add-task", context_settings=MANY_TASKS)
+def add_task(
+    ctx: typer.Context,
+    pool: Annotated[Path, typer.Option(help="Pool bundle directory (with a kept oracle).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the extended pool bundle.")],
+    name: Annotated[str, typer.Option(help="The new primitive task's name.")],
+    classes: Annotated[list[str], typer.Option("--classes", "-c", help="Its classes, in output order.")],
+    work: Annotated[Path, typer.Option(help="Work directory: logit bank and checkpoint (resumable).")],
+    data: Annotated[str, typer.Option(help=f"Data source the pool was built on: {', '.join(SOURCES)}.")] = "cifar100-npy",
+    data_path: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    hierarchy: Annotated[Path | None, typer.Option(help="image-folder: task -> classes JSON.")] = None,
+    val_per_class: Annotated[int, typer.Option(help="As when the pool was built.")] = 50,
+    split_seed: Annotated[int, typer.Option(help="As when the pool was built.")] = 0,
+    epochs: Annotated[int | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
+    bank_views: Annotated[int, typer.Option(help="Views of a logit bank filled here if none is found.")] = 8,
+    bank_from: Annotated[list[Path] | None, typer.Option(help="Work directories to look for a bank of the "
+                                                               "pool's oracle in (e.g. the pool's extraction).")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Add a primitive task to a pool: its expert trained by CKD from the pool's kept oracle."""
+    from poe_core.extend import ExtensionError, default_config
+    from poe_core.extend import add_task as extend
+
+    loaded = _pool(pool)
+    splits = _load(data, data_path, hierarchy, val_per_class, split_seed, False)
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    cfg = dataclasses.replace(default_config(loaded), precision=precision, device=device, **overrides)
+    try:
+        new = extend(loaded, out, splits, name, _split_words(classes + ctx.args), work=work, cfg=cfg,
+                     views=bank_views, bank_dirs=bank_from or [], say=console.print)
+    except ExtensionError as e:
+        fail(str(e))
+    console.print(f"{out}: pool {new.pool_id} with {len(new.tasks)} primitive tasks; {name}: validation "
+                  f"accuracy {new.part(name).val_acc:.2%}")
+
+
 if __name__ == "__main__":
     main()

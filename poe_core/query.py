@@ -50,14 +50,22 @@ def resolve_query(taxonomy: Taxonomy, tasks: Sequence[str] = (), classes: Sequen
         raise TaskError("the query is empty: name at least one primitive task or class")
     # validate and class_indices refuse a bare string, which would iterate as letters.
     tasks = taxonomy.validate(tasks) if tasks else []
+    taxonomy.check_disjoint(tasks)
     wanted = taxonomy.class_indices(classes) if classes else []
     outputs = taxonomy.composite_classes(tasks)
     for c in wanted:
         if c in outputs:
             continue
-        owner = taxonomy.owner(c)
-        if owner is None:
+        owners = taxonomy.owners(c)
+        if not owners:
             raise TaskError(f"no expert of this pool covers class {taxonomy.classes[c]!r}")
+        # Primitive tasks may overlap: take the first owner that shares no class with the
+        # experts already chosen, so every class is output once.
+        covered = set(taxonomy.composite_classes(tasks))
+        owner = next((t for t in owners if t in tasks or covered.isdisjoint(taxonomy.tasks[t])), None)
+        if owner is None:
+            raise TaskError(f"class {taxonomy.classes[c]!r} is only in primitive task(s) "
+                            f"{', '.join(map(repr, owners))}, which overlap the others of this query")
         if owner not in tasks:
             tasks.append(owner)
         outputs.append(c)

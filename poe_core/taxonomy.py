@@ -67,20 +67,18 @@ class Taxonomy:
     tasks: Mapping[str, tuple[int, ...]]
 
     def __post_init__(self) -> None:
+        # Primitive tasks may share classes (a custom task regroups classes of others, see
+        # poe_core.extend); the tasks of one composite task may not (`check_disjoint`).
         if not self.tasks:
             raise ValueError("a taxonomy needs at least one primitive task")
-        seen: dict[int, str] = {}
         for name, members in self.tasks.items():
             if not members:
                 raise ValueError(f"primitive task {name!r} has no classes")
+            if len(set(members)) != len(members):
+                raise ValueError(f"primitive task {name!r} names a class twice")
             for c in members:
                 if not 0 <= c < len(self.classes):
                     raise ValueError(f"primitive task {name!r} names class index {c}")
-                if c in seen:
-                    raise ValueError(
-                        f"class {self.classes[c]!r} is in both {seen[c]!r} and {name!r}"
-                    )
-                seen[c] = name
 
     @property
     def task_names(self) -> list[str]:
@@ -107,6 +105,17 @@ class Taxonomy:
             raise TaskError(f"primitive task(s) listed more than once: {', '.join(duplicates)}")
         return names
 
+    def check_disjoint(self, names: Iterable[str]) -> None:
+        """Raise TaskError if two of the named (valid) tasks share a class: a composite
+        model outputs each class once."""
+        seen: dict[int, str] = {}
+        for name in names:
+            for c in self.tasks[name]:
+                if c in seen:
+                    raise TaskError(f"primitive tasks {seen[c]!r} and {name!r} share class {self.classes[c]!r}: "
+                                    "the tasks of a composite task must not overlap")
+                seen[c] = name
+
     def class_indices(self, names: Iterable[str]) -> list[int]:
         """Indices of named classes, in the order given; raise TaskError naming the unknown."""
         if isinstance(names, str):
@@ -121,9 +130,13 @@ class Taxonomy:
             raise TaskError(f"class(es) listed more than once: {', '.join(duplicates)}")
         return [index[n] for n in names]
 
+    def owners(self, class_index: int) -> list[str]:
+        """The primitive tasks that hold a class, in the taxonomy's order."""
+        return [t for t, members in self.tasks.items() if class_index in members]
+
     def owner(self, class_index: int) -> str | None:
-        """The primitive task that holds a class, if any."""
-        return next((t for t, members in self.tasks.items() if class_index in members), None)
+        """The first primitive task that holds a class, if any."""
+        return next(iter(self.owners(class_index)), None)
 
     def composite_classes(self, names: Iterable[str]) -> list[int]:
         """Class indices of a composite task, in the order of its concatenated logits."""

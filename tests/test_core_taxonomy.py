@@ -43,9 +43,14 @@ def test_custom_hierarchy_from_json(tmp_path):
     assert tax.tasks == {"pets": (0, 1), "cars": (2, 3, 4)}
 
 
-def test_class_in_two_tasks_is_rejected():
-    with pytest.raises(ValueError, match="both"):
-        Taxonomy(("a", "b"), {"x": (0, 1), "y": (1,)})
+def test_tasks_may_share_classes_but_a_composite_task_may_not():
+    tax = Taxonomy(("a", "b", "c"), {"x": (0, 1), "y": (1,), "z": (2,)})
+    assert tax.owners(1) == ["x", "y"] and tax.owner(1) == "x"
+    tax.check_disjoint(["x", "z"])
+    with pytest.raises(TaskError, match="'x' and 'y' share class 'b'"):
+        tax.check_disjoint(["x", "y"])
+    with pytest.raises(ValueError, match="twice"):
+        Taxonomy(("a", "b"), {"x": (0, 1, 1)})
 
 
 def test_bad_hierarchy_json_is_a_clear_error(tmp_path):

@@ -10,7 +10,9 @@ from app.deps import RowId, ServicesDep, SessionDep, SettingsDep, require_admin
 from app.errors import NotFound
 from app.jobs import queue
 from app.jobs.admission import prepare
-from app.schemas import Error, ExtractionRequest, JobOut, JobStatus, PoolOut
+from app.jobs.custom_task import KIND as ADD_TASK
+from app.jobs.custom_task import prepare_task
+from app.schemas import Error, ExtractionRequest, JobOut, JobStatus, PoolOut, TaskRequest
 from app.store.pools import activate_pool, active_version
 from app.store.tables import Job, PoolVersion, TaskRequests
 from poe_core.extract import phase_done
@@ -43,6 +45,20 @@ def _job(session, job_id: int) -> Job:
                         422: {"description": "Bad request, data path outside POE_DATA_ROOTS"}})
 def create_extraction(body: ExtractionRequest, session: SessionDep, settings: SettingsDep) -> JobOut:
     job = queue.enqueue(session, prepare(session, body, settings.allowed_data_roots))
+    return job_out(job)
+
+
+@router.post("/tasks", status_code=202, response_model=JobOut,
+             summary="Queue a custom primitive task: its expert trained from the active pool's kept oracle, "
+                     "added to a new pool version",
+             responses={400: {"model": Error, "description": "A body that is not UTF-8 JSON"},
+                        422: {"description": "Name taken, unknown or repeated classes, no classes, an active "
+                                             "pool without a kept oracle, data not the pool's or outside "
+                                             "POE_DATA_ROOTS"},
+                        503: {"model": Error, "description": "No active pool can be loaded"}})
+def create_task(body: TaskRequest, session: SessionDep, services: ServicesDep, settings: SettingsDep) -> JobOut:
+    job = queue.enqueue(session, prepare_task(session, body, services.pools, settings.allowed_data_roots),
+                        kind=ADD_TASK)
     return job_out(job)
 
 

@@ -17,10 +17,13 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from sqlalchemy import select
 
 from app.jobs import queue
+from app.jobs.custom_task import KIND as ADD_TASK
+from app.jobs.custom_task import run_add_task
 from app.jobs.extraction import run_extraction
 from app.services import Services
 from app.store.pools import import_pool
@@ -145,10 +148,14 @@ class Worker:
             with JobRun(self, job) as run:
                 version = self._imported(job.id)
                 if version is None:
-                    bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run)
+                    if job.kind == ADD_TASK:
+                        bundle, work_dir = self._add_task(job, work, run)
+                    else:
+                        bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run)
+                        work_dir = str(work.resolve())
                     run.check()
                     version = import_pool(db, self.services.blobs, bundle, source=f"job {job.id}",
-                                          job_id=job.id, work_dir=str(work.resolve()),
+                                          job_id=job.id, work_dir=work_dir,
                                           activate=job.request.get("activate", True))
                     shutil.rmtree(bundle, ignore_errors=True)
             self._finish(job.id, "succeeded", pool_version=version,
@@ -164,6 +171,17 @@ class Worker:
             log.exception("job %d failed", job.id)
             self._finish(job.id, "failed", error=f"{type(e).__name__}: {e}",
                          line=traceback.format_exc(limit=5).strip().splitlines()[-1])
+
+    def _add_task(self, job: Job, work: Path, run: JobRun) -> tuple[Path, str | None]:
+        """Run a custom-task job; the new version keeps its parent's work directory (its
+        oracle and library), and logit banks are looked for there and in other jobs'."""
+        with self.services.db.session() as session:
+            parent = session.get(PoolVersion, job.request["pool_version"]).work_dir
+        others = sorted(p for p in self.settings.work_dir.glob("job-*") if p != work)
+        bank_dirs = [Path(parent)] + others if parent else others
+        bundle = run_add_task(job.request, work, self.services.pools, bank_dirs,
+                              self.settings.allowed_data_roots, run)
+        return bundle, parent
 
     def _imported(self, job_id: int) -> int | None:
         """The pool version an earlier attempt imported, if its worker died right after."""
