@@ -15,7 +15,8 @@ from app.jobs.queue import JobConflict
 from app.serving.models import ServerBusy
 from app.serving.registry import PoolUnavailable
 from app.store.pools import PoolNotFound
-from poe_core.formats import FormatUnavailable
+from poe_core.budget import BudgetError
+from poe_core.formats import FormatUnavailable, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ STATUS = {
     ReuseUnavailable: 409,
     ExtractionRejected: 422,
     FormatUnavailable: 422,
+    Unavailable: 422,  # a capability the pool lacks (widths, the student head), with the reason
+    BudgetError: 422,
     PoolUnavailable: 503,
     ServerBusy: 503,
 }

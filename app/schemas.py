@@ -19,6 +19,19 @@ WeightFormat = Literal["fp32", "fp16", "int8"]
 FileFormat = Literal["onnx", "ort"]
 
 
+class BudgetOptions(Strict):
+    max_params: int | None = Field(None, ge=1, le=2**62, description="Parameters of the whole model.")
+    max_bytes: int | None = Field(None, ge=1, le=2**62, description="Bytes of the ONNX file in the chosen weight "
+                                                                     "format (without softmax or reject output).")
+    max_macs: int | None = Field(None, ge=1, le=2**62, description="Multiply-accumulates of one image.")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetOptions:
+        if self.max_params is None and self.max_bytes is None and self.max_macs is None:
+            raise ValueError("a budget needs max_params, max_bytes or max_macs")
+        return self
+
+
 class ModelOptions(Strict):
     softmax: bool = Field(False, description="Append a Softmax: the model outputs probabilities.")
     weights: WeightFormat | None = Field(
@@ -28,6 +41,18 @@ class ModelOptions(Strict):
     fp16: bool = Field(False, description="Same as weights=\"fp16\" (kept for older clients).")
     format: FileFormat = Field("onnx", description="onnx, or ort: the ORT format of onnxruntime-mobile, "
                                                    "converted by onnxruntime at query time.")
+    method: Literal["poe", "mask"] = Field(
+        "poe", description="poe: library + experts; mask: SMART's baseline, the library student's own head "
+                           "over all classes restricted to the query's (422 with the reason if the pool keeps "
+                           "no student head).")
+    widths: dict[str, float] | None = Field(
+        None, description="Expert width (ks) per task of the query; others get the pool's default. Not with "
+                          "mask or budget.")
+    budget: BudgetOptions | None = Field(
+        None, description="Pick per task the widths that maximise validation accuracy within these limits "
+                          "(422 stating the smallest possible if nothing fits).")
+    reject_output: bool = Field(False, description="Add an output `accepted` (bool per image): the reject rule "
+                                                   "computed in the graph, stated as poe.reject in its metadata.")
 
     @model_validator(mode="after")
     def _one_weight_format(self) -> ModelOptions:
@@ -41,12 +66,25 @@ class ModelOptions(Strict):
 
 
 class ModelRequest(Strict):
-    # uniqueItems is said, and checked with the task names against the pool (422).
-    tasks: list[str] = Field(min_length=1, description="Primitive task names; the composite task is their "
-                                                       "union. Order does not matter: outputs follow the "
-                                                       "sorted task order.",
-                             examples=[["people", "vehicles_1"]], json_schema_extra={"uniqueItems": True})
+    # Either list or both; uniqueItems is said, and checked with the names against the pool (422).
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"anyOf": [{"required": ["tasks"]}, {"required": ["classes"]}]})
+    tasks: list[str] | None = Field(None, min_length=1, description="Primitive task names; the composite task "
+                                                                    "is their union. Order does not matter: "
+                                                                    "outputs follow the sorted task order.",
+                                    examples=[["people", "vehicles_1"]], json_schema_extra={"uniqueItems": True})
+    classes: list[str] | None = Field(
+        None, min_length=1, description="Class names, alone or besides tasks: the model holds the experts that "
+                                        "cover them and outputs the tasks' classes, then these, in the order "
+                                        "given.",
+        examples=[["bicycle", "woman"]], json_schema_extra={"uniqueItems": True})
     options: ModelOptions = Field(default_factory=ModelOptions)
+
+    @model_validator(mode="after")
+    def _something_asked(self) -> ModelRequest:
+        if self.tasks is None and self.classes is None:
+            raise ValueError("name tasks, classes or both")
+        return self
 
 
 class InputSpec(BaseModel):
@@ -57,29 +95,73 @@ class InputSpec(BaseModel):
     scale: str = "pixel / 255, then (x - mean) / std, RGB"
 
 
+class RejectOut(BaseModel):
+    score: Literal["max_softmax", "energy"] = Field(description="max_softmax: the largest softmax probability; "
+                                                                "energy: logsumexp of the logits.")
+    threshold: float = Field(description="Accept (one of the model's classes) when score >= threshold; below: "
+                                         "none of these.")
+    accept_rate_in_task: float = Field(description="Share of the validation images of the model's classes "
+                                                   "accepted (at least 0.95).")
+    reject_rate_out_of_task: float | None = Field(description="Share of the other validation images rejected; "
+                                                              "null when the model covers every class.")
+    auroc: float | None = Field(description="In-task vs. out-of-task validation images, by the score.")
+
+
+class MaskOut(BaseModel):
+    val_acc: float | None = Field(description="What SMART's mask baseline scores on the same query.")
+    params: int | None
+    unavailable: str | None = Field(description="Why the pool cannot say (no student head).")
+
+
 class ModelOut(BaseModel):
     id: str
     pool_version: int
     pool_id: str
-    tasks: list[str] = Field(description="In the order of the model's outputs.")
+    tasks: list[str] = Field(description="The experts, in the order of the model's outputs.")
     labels: list[str] = Field(description="Class label of every output column, in order.")
     output: Literal["logits", "probabilities"]
     weights: WeightFormat
     format: FileFormat = Field(description="onnx or ort; bytes and sha256 are those of this file.")
+    method: Literal["poe", "mask"]
+    widths: dict[str, float] = Field(description="Expert width (ks) per task, in task order; empty for mask.")
     params: int
     flops: int = Field(description="Multiply-accumulates of one image.")
     bytes: int
     sha256: str
-    val_acc: float = Field(description="Top-1 of this composite model on the validation images of "
-                                       "its classes, from the pool's cached logits.")
+    val_acc: float = Field(description="Top-1 of this model among its output classes on the validation images "
+                                       "of those classes, from the pool's cached logits.")
     val_acc_by_format: dict[str, float | None] = Field(
         description="The same accuracy in every weight format; null where the pool refuses the format.")
     val_acc_by_class: dict[str, float] = Field(
         description="Per label, in output order: the share of that class's validation images the model "
                     "ranks first; their mean is val_acc.")
+    reject: RejectOut = Field(description="The \"none of these\" rule of this model, fitted on validation.")
+    reject_output: bool = Field(description="Whether the file computes the rule as its output `accepted`.")
+    mask: MaskOut | None = Field(description="For a poe model: the mask baseline on the same query; null for mask.")
     input: InputSpec
     created_at: datetime
     download_url: str
+
+
+class PlanPoint(BaseModel):
+    widths: dict[str, float] = Field(description="Expert width (ks) per task, in task order.")
+    params: int
+    bytes: int = Field(description="Of the ONNX file in the asked weight format, without softmax or reject output.")
+    macs: int
+    val_acc: float
+    id: str = Field(description="The model id of this point with the asked options.")
+    download_url: str
+
+
+class PlanOut(BaseModel):
+    pool_version: int
+    pool_id: str
+    tasks: list[str]
+    labels: list[str]
+    size: Literal["params", "bytes", "macs"] = Field(description="The size measure of the front.")
+    points: list[PlanPoint] = Field(description="The accuracy-vs-size Pareto front, by increasing size (within "
+                                                "the budget, if one is given).")
+    unavailable: str | None = Field(description="Why the pool offers no choice of widths (then one point).")
 
 
 class TaskOut(BaseModel):

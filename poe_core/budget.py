@@ -149,27 +149,35 @@ def _front(size, accuracy) -> list[int]:
     return front
 
 
-def plan(assembler: Assembler, q: Query, weights: str = "fp32", size: str = "params") -> list[PlanPoint]:
-    """The accuracy-vs-size Pareto front of a query (POST /models/plan), by increasing
-    `size` ("params", "bytes" or "macs")."""
-    if size not in MEASURES:
-        raise ValueError(f"unknown size measure {size!r}; use {', '.join(MEASURES)}")
-    table = _table(assembler, q, weights)
-    return [table.point(k) for k in _front(table.measure(size), table.val_acc)]
-
-
-def fit_budget(assembler: Assembler, q: Query, budget: Budget, weights: str = "fp32") -> PlanPoint:
-    """The most accurate choice of widths within `budget` (ties: fewer parameters, then
-    bytes); BudgetError stating the smallest possible if nothing fits."""
-    limits = budget.limits()
-    table = _table(assembler, q, weights)
+def _fitting(table: _Table, budget: Budget | None) -> np.ndarray:
+    """Indices of the choices within `budget` (all without one); BudgetError stating the
+    smallest possible if none is."""
     fits = np.ones(len(table.choices), bool)
+    limits = budget.limits() if budget is not None else {}
     for m, v in limits.items():
         fits &= table.measure(m) <= v
     if not fits.any():
         smallest = ", ".join(f"{int(table.measure(m).min()):,} {m}" for m in limits)
         asked = ", ".join(f"max_{m} = {v:,}" for m, v in limits.items())
         raise BudgetError(f"no choice of expert widths fits {asked}: the smallest possible is {smallest}")
-    k = max(np.flatnonzero(fits).tolist(),
+    return np.flatnonzero(fits)
+
+
+def plan(assembler: Assembler, q: Query, weights: str = "fp32", size: str = "params",
+         budget: Budget | None = None) -> list[PlanPoint]:
+    """The accuracy-vs-size Pareto front of a query (POST /models/plan), by increasing
+    `size` ("params", "bytes" or "macs"), among the choices within `budget` if given."""
+    if size not in MEASURES:
+        raise ValueError(f"unknown size measure {size!r}; use {', '.join(MEASURES)}")
+    table = _table(assembler, q, weights)
+    keep = _fitting(table, budget)
+    return [table.point(keep[k]) for k in _front(table.measure(size)[keep], table.val_acc[keep])]
+
+
+def fit_budget(assembler: Assembler, q: Query, budget: Budget, weights: str = "fp32") -> PlanPoint:
+    """The most accurate choice of widths within `budget` (ties: fewer parameters, then
+    bytes); BudgetError stating the smallest possible if nothing fits."""
+    table = _table(assembler, q, weights)
+    k = max(_fitting(table, budget).tolist(),
             key=lambda k: (table.val_acc[k], -table.params[k], -table.bytes[k]))
     return table.point(k)

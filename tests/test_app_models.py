@@ -1,4 +1,5 @@
 import asyncio
+import hashlib
 import json
 
 import httpx
@@ -33,7 +34,7 @@ def test_downloaded_model_runs_and_its_labels_match(client, pool, synthetic):
     assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert r.headers["content-disposition"] == 'attachment; filename="poe-task0+task2.onnx"'
     meta = client.post("/models", json={"tasks": ["task2", "task0"]}, headers=JSON).json()
-    assert r.headers["etag"] == f'"{meta["sha256"]}"' and r.headers["x-model-id"] == meta["id"]
+    assert r.headers["etag"] == f'"{meta["id"]}.{meta["pool_id"]}"' and r.headers["x-model-id"] == meta["id"]
     expected = pool.taxonomy.class_names("task0") + pool.taxonomy.class_names("task2")
     assert meta["tasks"] == ["task0", "task2"] and meta["labels"] == expected
     assert meta["bytes"] == len(r.content)
@@ -65,7 +66,7 @@ def test_metadata_download_and_etag(client):
     r = client.get(f"/models/{meta['id']}/download")
     assert r.status_code == 200 and len(r.content) == meta["bytes"]
     etag = r.headers["etag"]
-    assert etag == f'"{meta["sha256"]}"'
+    assert etag == f'"{meta["id"]}.{meta["pool_id"]}"'
     cached = client.get(f"/models/{meta['id']}/download", headers={"If-None-Match": etag})
     assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag
     for tag, status in (('"other"', 200), ("*", 304), (f'W/{etag}, "x"', 304)):
@@ -115,7 +116,7 @@ def test_every_id_resolves_after_a_restart_with_the_same_bytes(fresh, tmp_path):
             again = replica.get(f"/models/{r.headers['x-model-id']}/download")
             assert again.status_code == 200
             assert again.content == r.content and again.headers["etag"] == r.headers["etag"]
-            assert replica.get(f"/models/{r.headers['x-model-id']}").json()["sha256"] == r.headers["etag"].strip('"')
+            assert replica.get(f"/models/{r.headers['x-model-id']}").json()["sha256"] == hashlib.sha256(r.content).hexdigest()
     assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*") if p.is_file()) == files
 
 

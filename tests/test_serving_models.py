@@ -8,7 +8,7 @@ import pytest
 from service_fixtures import make_settings
 
 from app.services import Services
-from app.serving.models import ModelCache, OrtFiles, Query, ServerBusy, model_id, query_of
+from app.serving.models import ModelCache, OrtFiles, ServerBusy, model_id, query_of, resolve
 from app.store.pools import import_pool
 
 
@@ -21,28 +21,28 @@ def served(databases, tmp_path, pool):
 
 
 def test_an_id_names_its_query_and_nothing_else(served):
-    queries = [Query.of(c, s, w) for k in (1, 2, 3) for c in itertools.combinations(served.tasks, k)
-               for s in (False, True) for w in ("fp32", "fp16")]
+    queries = [resolve(served, c, softmax=s, weights=w) for k in (1, 2, 3)
+               for c in itertools.combinations(served.tasks, k) for s in (False, True) for w in ("fp32", "fp16")]
     ids = [model_id(served, q) for q in queries]
     assert len(set(ids)) == len(queries)
     assert [query_of(served, i) for i in ids] == queries
-    assert Query.of(["task2", "task0"]) == Query.of(["task0", "task2"])
+    assert resolve(served, ["task2", "task0"]) == resolve(served, ["task0", "task2"])
 
 
 def test_the_model_cache_is_bounded_in_bytes(served):
     size = len(served.assembler.assemble(["task0"]).data)
     cache = ModelCache(max_bytes=int(size * 1.5))
-    first = cache.get(served, Query.of(["task0"]))
-    assert cache.get(served, Query.of(["task0"])) is first and cache.assemblies == 1
-    cache.get(served, Query.of(["task0"], softmax=True))
+    first = cache.get(served, resolve(served, ["task0"]))
+    assert cache.get(served, resolve(served, ["task0"])) is first and cache.assemblies == 1
+    cache.get(served, resolve(served, ["task0"], softmax=True))
     assert len(cache) == 1 and cache.bytes <= size * 1.5
     tiny = ModelCache(max_bytes=10)  # too small for any model: answered, not kept
-    assert tiny.get(served, Query.of(["task1"])).data and len(tiny) == 0
+    assert tiny.get(served, resolve(served, ["task1"])).data and len(tiny) == 0
 
 
 def test_ort_conversions_happen_once_and_are_bounded(served):
     models = ModelCache(max_bytes=1 << 24)
-    model = models.get(served, Query.of(["task0", "task1"]))
+    model = models.get(served, resolve(served, ["task0", "task1"]))
 
     async def convert():
         return await asyncio.gather(*(files.get(model) for _ in range(8)))
@@ -51,6 +51,7 @@ def test_ort_conversions_happen_once_and_are_bounded(served):
     converted = asyncio.run(convert())
     assert len({id(c) for c in converted}) == 1 and converted[0].format == "ort"
     assert converted[0].sha256 != model.sha256 and converted[0].id == model.id
+    assert converted[0].etag != model.etag and converted[0].etag.startswith(model.etag)
     files.close()
 
     busy = OrtFiles(max_pending=0)

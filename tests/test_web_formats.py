@@ -28,7 +28,7 @@ def test_every_weight_format_runs_with_its_own_accuracy(client, pool, synthetic)
         assert meta["val_acc"] == pool.composite_accuracy(TASKS, weights)
         assert meta["val_acc_by_format"] == {w: pool.composite_accuracy(TASKS, w) for w in ("fp32", "fp16", "int8")}
         r = client.post("/models", json={"tasks": TASKS, "options": {"weights": weights}})
-        assert r.headers["etag"] == f'"{meta["sha256"]}"' and len(r.content) == meta["bytes"]
+        assert r.headers["etag"] == f'"{meta["id"]}.{meta["pool_id"]}"' and len(r.content) == meta["bytes"]
         suffix = "" if weights == "fp32" else f"-{weights}"
         assert r.headers["content-disposition"] == f'attachment; filename="poe-task0+task1{suffix}.onnx"'
         agreement = (_run(r.content, x).argmax(1) == reference).mean()
@@ -43,9 +43,11 @@ def test_ort_format_from_post_and_download(client, synthetic):
     assert meta["format"] == "ort" and meta["download_url"].endswith("/download?format=ort")
     r = client.post("/models", json=body)
     assert r.content[4:8] == b"ORTM"
-    assert len(r.content) == meta["bytes"] and r.headers["etag"] == f'"{meta["sha256"]}"'
+    assert len(r.content) == meta["bytes"] and r.headers["etag"].startswith(f'"{meta["id"]}.{meta["pool_id"]}.ort')
     assert r.headers["content-disposition"].endswith('-int8.ort"')
-    onnx = client.post("/models", json={"tasks": TASKS, "options": {"weights": "int8"}}).content
+    onnx_answer = client.post("/models", json={"tasks": TASKS, "options": {"weights": "int8"}})
+    assert onnx_answer.headers["etag"] != r.headers["etag"]  # a cache never mistakes one for the other
+    onnx = onnx_answer.content
     x = _inputs(meta, synthetic)
     np.testing.assert_allclose(_run(r.content, x), _run(onnx, x), atol=1e-4)
     downloaded = client.get(meta["download_url"])
@@ -73,7 +75,9 @@ def test_int8_refused_with_the_pools_reason(client, services, monkeypatch):
     assert listing["formats"]["int8"] | {"val_acc_drop": None} == {"available": False, "reason": reason,
                                                                    "val_acc_drop": None}
     assert all(t["val_acc_by_format"]["int8"] is None for t in listing["tasks"])
-    assert client.post("/models", json={"tasks": TASKS}, headers=JSON).json()["val_acc_by_format"]["int8"] is None
+    # A model's metadata is computed once per model (a pool never changes): ask for one not asked before.
+    fresh = {"classes": ["class2_1", "class0_0"], "options": {"softmax": True}}
+    assert client.post("/models", json=fresh, headers=JSON).json()["val_acc_by_format"]["int8"] is None
 
 
 def test_contradictory_weight_options_are_refused(client):

@@ -12,6 +12,7 @@ the ordinary way, where the same handler raises the same error for its handler t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -23,12 +24,14 @@ from starlette.requests import ClientDisconnect
 
 from app.deps import ServicesDep
 from app.errors import InvalidTasks, NotFound
-from app.schemas import Error, InputSpec, ModelOut, ModelRequest
+from app.schemas import Error, InputSpec, MaskOut, ModelOut, ModelRequest, PlanOut, PlanPoint, RejectOut
 from app.serving import MEMO_BODY_BYTES
-from app.serving.models import ONNX, ServedModel, parse_model_id, query_of
+from app.serving.models import ONNX, ServedModel, model_id, parse_model_id, query_of, resolve
 from app.serving.models import Query as ModelQuery
 from app.serving.registry import ServedPool
 from app.store.pools import PoolNotFound
+from poe_core.budget import Budget, BudgetError, plan
+from poe_core.formats import Unavailable
 from poe_core.taxonomy import TaskError
 
 router = APIRouter(tags=["models"])
@@ -77,46 +80,70 @@ def wants_json(accept: str | None) -> bool:
     return json_q > 0 and json_q >= quality.get("application/*", quality.get("*/*", 0.0))
 
 
+def _download_url(base_url: str, ident: str, file_format: str = "onnx") -> str:
+    return f"{base_url}/models/{ident}/download" + ("" if file_format == "onnx" else f"?format={file_format}")
+
+
 def model_out(model: ServedModel, base_url: str) -> ModelOut:
     info = model.info
-    url = f"{base_url}/models/{info.id}/download" + ("" if info.format == "onnx" else f"?format={info.format}")
     return ModelOut(
         id=info.id, pool_version=info.pool_version, pool_id=info.pool_id, tasks=list(info.tasks),
         labels=list(info.labels), output=info.output, weights=info.weights, format=info.format,
+        method=info.method, widths=info.widths,
         params=info.params, flops=info.flops, bytes=info.size, sha256=info.sha256, val_acc=info.val_acc,
         val_acc_by_format=info.val_acc_by_format, val_acc_by_class=info.val_acc_by_class,
+        reject=RejectOut(**info.reject.to_dict()), reject_output=info.reject_output,
+        mask=None if info.mask is None else MaskOut(**info.mask),
         input=InputSpec(shape=["batch", *info.image_shape], **info.normalization), created_at=info.created_at,
-        download_url=url,
+        download_url=_download_url(base_url, info.id, info.format),
     )
 
 
-def _metadata(request: Request, model: ServedModel) -> JSONResponse:
+def _base_url(request: Request) -> str:
     # Relative unless POE_PUBLIC_URL says otherwise: never built from the Host header.
-    base = (request.app.state.settings.public_url or "").rstrip("/")
-    return JSONResponse(model_out(model, base).model_dump(mode="json"))
+    return (request.app.state.settings.public_url or "").rstrip("/")
 
 
-def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str]:
-    """The query and file format of a POST /models body, validated against the pool."""
+def _metadata(request: Request, model: ServedModel) -> JSONResponse:
+    return JSONResponse(model_out(model, _base_url(request)).model_dump(mode="json"))
+
+
+def _request(body: bytes) -> ModelRequest:
     try:
-        request = ModelRequest.model_validate_json(body)
+        return ModelRequest.model_validate_json(body)
     except ValidationError as e:
         # Without the input, which may be bytes that are not text; context as text.
         errors = json.loads(json.dumps(e.errors(include_url=False, include_input=False), default=str))
         raise RequestValidationError([e | {"loc": ["body", *e["loc"]]} for e in errors]) from None
+
+
+def _query(served: ServedPool, request: ModelRequest, budget: bool = True) -> ModelQuery:
+    """The query of a validated body against the pool (`budget` False: leave the widths at
+    their defaults, as a plan does)."""
+    options = request.options
+    limits = options.budget if budget else None
     try:
-        tasks = served.pool.taxonomy.validate(request.tasks)
+        return resolve(served, request.tasks or (), request.classes or (), softmax=options.softmax,
+                       weights=options.weight_format, method=options.method, widths=options.widths,
+                       budget=None if limits is None else Budget(**limits.model_dump()),
+                       reject_output=options.reject_output)
     except TaskError as e:
         raise InvalidTasks(str(e), served.tasks) from None
-    options = request.options
-    return ModelQuery.of(tasks, options.softmax, options.weight_format), options.format
 
 
-async def _model(request: Request, served: ServedPool, query: ModelQuery, file_format: str) -> ServedModel:
+def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str, str]:
+    """The query, file format and model id of a POST /models body, validated against the pool."""
+    request = _request(body)
+    query = _query(served, request)
+    return query, request.options.format, model_id(served, query)
+
+
+async def _model(request: Request, served: ServedPool, query: ModelQuery, file_format: str,
+                 ident: str | None = None) -> ServedModel:
     serving = request.app.state.services.serving
     served.require(query.tasks)
     served.pool.require_format(query.weights)
-    model = serving.models.get(served, query)
+    model = serving.models.get(served, query, ident)
     serving.counts.count(served.version, query.tasks)
     return await serving.ort.get(model) if file_format == "ort" else model
 
@@ -127,8 +154,9 @@ async def _model(request: Request, served: ServedPool, query: ModelQuery, file_f
     responses={200: {"description": "The ONNX file; with `Accept: application/json`, its metadata",
                      "content": {ONNX: ONNX_RESPONSE["content"][ONNX]}},
                413: {"model": Error},
-               422: {"description": "Not JSON, unknown, repeated or no tasks, wrong types, or a weight format "
-                                    "the pool refuses (`detail` says why)"},
+               422: {"description": "Not JSON, unknown, repeated or no tasks or classes, wrong types, "
+                                    "contradicting options, a budget nothing fits, or a capability the pool "
+                                    "does not offer (`detail` says why)"},
                503: {"model": Error, "description": "No active pool, a damaged part of it, or busy converting"}},
 )
 async def create_model(request: Request) -> Response:
@@ -143,25 +171,26 @@ async def create_model(request: Request) -> Response:
         parsed = _parse(served, body)
         if len(body) <= MEMO_BODY_BYTES:
             serving.queries[key] = parsed
-    model = await _model(request, served, *parsed)
+    query, file_format, ident = parsed
+    model = await _model(request, served, query, file_format, ident)
     if wants_json(request.headers.get("accept")):
         return _metadata(request, model)
     return Response(model.data, media_type=ONNX, headers=model.headers)
 
 
-async def _resolve(services, model_id: str) -> tuple[ServedPool, ModelQuery]:
+async def _resolve(services, ident: str) -> tuple[ServedPool, ModelQuery]:
     """The pool version and query a model id names, or NotFound."""
-    missing = NotFound(f"no model {model_id!r}; POST /models to assemble one")
-    parsed = parse_model_id(model_id)
+    missing = NotFound(f"no model {ident!r}; POST /models to assemble one")
+    parsed = parse_model_id(ident)
     if parsed is None:
         raise missing
     pools = services.serving.pools
     try:
-        served = pools.loaded(parsed[0]) or await run_in_threadpool(pools.get, parsed[0])
+        served = pools.loaded(parsed.version) or await run_in_threadpool(pools.get, parsed.version)
     except PoolNotFound:
         raise missing from None
-    query = query_of(served, model_id)
-    if query is None or not served.pool.format_info(query.weights)["available"]:
+    query = query_of(served, ident)
+    if query is None:
         raise missing
     return served, query
 
@@ -173,11 +202,11 @@ async def get_model(model_id: str, request: Request, services: ServicesDep) -> R
     return _metadata(request, await _model(request, served, query, "onnx"))
 
 
-def _matches(if_none_match: str | None, sha256: str) -> bool:
+def _matches(if_none_match: str | None, etag: str) -> bool:
     if not if_none_match:
         return False
     tags = [t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")]
-    return "*" in tags or sha256 in tags
+    return "*" in tags or etag in tags
 
 
 @router.get("/models/{model_id}/download", name="download_model", summary="The ONNX (or ORT) file of a model",
@@ -189,9 +218,72 @@ async def download_model(model_id: str, request: Request, services: ServicesDep,
                          format: Annotated[Literal["onnx", "ort"], Query()] = "onnx") -> Response:
     served, query = await _resolve(services, model_id)
     model = await _model(request, served, query, format)
-    if _matches(if_none_match, model.sha256):
+    if _matches(if_none_match, model.etag):
         return Response(status_code=304, headers=model.headers)
     return Response(model.data, media_type=ONNX, headers=model.headers)
+
+
+def plan_of(served: ServedPool, request: ModelRequest, size: str, base_url: str) -> PlanOut:
+    """The accuracy-vs-size Pareto front of a request's query over the expert widths, within
+    its budget if it gives one (poe_core.budget.plan); one point when the pool holds one
+    width. Nothing is assembled but one model, for the bytes of every choice."""
+    if request.options.widths:
+        raise InvalidTasks("a plan chooses the widths: send the query without widths", served.tasks)
+    query = _query(served, request, budget=False)
+    m, weights = query.model, query.weights
+    if m.method == "mask":
+        raise InvalidTasks("a plan chooses expert widths; the mask method has no experts", served.tasks)
+    served.require(m.tasks)
+    pool = served.pool
+    reason = pool.unavailable("widths")
+    limits = request.options.budget
+    if reason is None:
+        budget = None if limits is None else Budget(**limits.model_dump())
+        try:
+            front = plan(served.assembler, m, weights, size, budget)
+        except (Unavailable, BudgetError):
+            raise
+        except ValueError as e:  # too many candidates to enumerate
+            raise InvalidTasks(str(e), served.tasks) from None
+        points = [(p.query, p.params, p.bytes, p.macs, p.val_acc) for p in front]
+    elif limits is not None:
+        raise Unavailable(f"a budget chooses expert widths: {reason}")
+    else:
+        points = [(m, pool.params(m), served.assembler.sizes(m, [m.widths], weights)[0], pool.flops(m),
+                   pool.accuracy(m, weights))]
+    out = []
+    for choice, params, nbytes, macs, acc in points:
+        ident = model_id(served, replace(query, model=choice))
+        out.append(PlanPoint(widths=dict(zip(choice.tasks, choice.widths, strict=True)), params=params,
+                             bytes=nbytes, macs=macs, val_acc=acc, id=ident,
+                             download_url=_download_url(base_url, ident, request.options.format)))
+    labels = [pool.taxonomy.classes[c] for c in m.classes]
+    return PlanOut(pool_version=served.version, pool_id=served.pool_id, tasks=list(m.tasks), labels=labels,
+                   size=size, points=out, unavailable=reason)
+
+
+@router.post(
+    "/models/plan", summary="The accuracy-vs-size front of a composite task over its expert widths",
+    response_model=PlanOut, openapi_extra=REQUEST_BODY,
+    responses={422: {"description": "As POST /models: bad names or options, a budget nothing fits, the mask "
+                                    "method (no widths to choose) (`detail` says why)"},
+               503: {"model": Error, "description": "No active pool, or a damaged part of it"}},
+)
+async def plan_models(request: Request, size: Annotated[Literal["params", "bytes", "macs"], Query()] = "params"
+                      ) -> JSONResponse:
+    serving = request.app.state.services.serving
+    pools = serving.pools
+    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
+    body = await request.body()
+    base = _base_url(request)
+    key = (served.version, size, base, body)
+    answer = serving.plans.get(key)
+    if answer is None:
+        answer = await run_in_threadpool(plan_of, served, _request(body), size, base)
+        answer = answer.model_dump(mode="json")
+        if len(body) <= MEMO_BODY_BYTES:
+            serving.plans[key] = answer
+    return JSONResponse(answer)
 
 
 class FastLane:

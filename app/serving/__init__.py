@@ -25,9 +25,11 @@ class Serving:
         self.models = ModelCache(settings.model_cache_bytes)
         self.ort = OrtFiles()
         self.counts = RequestCounts()
-        # (pool version, Accept wants JSON, body) -> (query, file format); bounded in entries
+        # (pool version, body) -> (query, file format, model id); bounded in entries
         # and, by MEMO_BODY_BYTES, in bytes.
         self.queries: LRUCache = LRUCache(maxsize=4096)
+        # (pool version, size measure, base URL, body) -> POST /models/plan's answer, likewise bounded.
+        self.plans: LRUCache = LRUCache(maxsize=256)
 
     def flush_counts(self) -> None:
         self.counts.flush(self.db)

@@ -1,12 +1,24 @@
 """Composite models as functions of the query: no bytes and no rows per query.
 
-A model is determined by (pool version, sorted tasks, output, weights), and so is its
-id, which spells that query out: "<version>-<pool id[:8]>-<task set as a hex bit mask
-over the pool's tasks>-<output>-<weights>". Any id ever issued therefore resolves after
-any restart, on any replica: the model is assembled again (a few memory copies) and has
-the same bytes and ETag. Bytes live only in bounded in-memory LRU caches; `.ort`
-conversions (tens of milliseconds in onnxruntime) run on a small executor of their own,
-so they never hold up the event loop or the requests that need no conversion.
+A model is determined by (pool version, the resolved query, output, weights, reject
+output), and so is its id, which spells that query out:
+
+    <version>-<pool id[:8]>-<subject>-<output>-<weights>[-mask][-w<ks>_<ks>...][-reject]
+
+The subject is the set of whole primitive tasks, in sorted order, as a hex bit mask over
+the pool's tasks (the only form before class-level queries, so those ids never changed),
+or else "c" and the output classes, in order, as class indices joined by dots. The
+experts follow from the classes (their owners, in order of first mention: see
+poe_core.query). "-mask" is SMART's baseline; "-w" the expert width (ks) of every task
+in order, present only when one differs from the pool's default; "-reject" the graph's
+`accepted` output. A budget is resolved to widths before the id is made. Any id ever
+issued therefore resolves after any restart, on any replica: the model is assembled again
+(a few memory copies) and has the same bytes and ETag. The ETag is the id and the full
+pool id (the pool is content-addressed), so no file is hashed to answer; the ORT
+conversion's ETag adds the onnxruntime version that made it. Bytes live only in bounded
+in-memory LRU caches; `.ort` conversions (tens of milliseconds in onnxruntime) run on a
+small executor of their own, so they never hold up the event loop or the requests that
+need no conversion.
 """
 
 from __future__ import annotations
@@ -15,23 +27,35 @@ import asyncio
 import hashlib
 import re
 import threading
+import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 
+import onnxruntime
 from cachetools import LRUCache
 
+from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
 from app.serving.registry import ServedPool
 from app.store.db import Database
 from app.store.rows import add_task_requests
-from poe_core.formats import FORMATS, to_ort
+from poe_core.budget import Budget, BudgetError, fit_budget
+from poe_core.formats import FORMATS, Unavailable, to_ort
+from poe_core.query import Query as Composite
+from poe_core.reject import RejectRule
+from poe_core.taxonomy import TaskError
 
 OUTPUTS = ("logits", "probabilities")
 ONNX = "application/octet-stream"
 MAX_VERSION = 2**31 - 1  # the pools.version column's range
-MODEL_ID = re.compile(r"(\d{1,10})-([0-9a-f]{8})-([0-9a-f]{1,64})-(logits|probabilities)-(fp32|fp16|int8)")
+MAX_ID = 4096  # characters: a class subject of about a thousand classes
+_WIDTH = r"\d{1,3}(?:\.\d{1,6})?"
+MODEL_ID = re.compile(
+    r"(\d{1,10})-([0-9a-f]{8})-([0-9a-f]{1,64}|c\d{1,6}(?:\.\d{1,6})*)-(logits|probabilities)-(fp32|fp16|int8)"
+    rf"(-mask)?(?:-w({_WIDTH}(?:_{_WIDTH})*))?(-reject)?")
 
 
 class ServerBusy(Exception):
@@ -40,42 +64,121 @@ class ServerBusy(Exception):
 
 @dataclass(frozen=True)
 class Query:
-    """A validated composite-model query: the sorted primitive tasks and the options."""
+    """A validated query: the composite model poe_core resolved (experts, widths, output
+    classes, method) and the options of its file."""
 
-    tasks: tuple[str, ...]
+    model: Composite
     output: str = "logits"
     weights: str = "fp32"
+    reject_output: bool = False
 
-    @classmethod
-    def of(cls, tasks, softmax: bool = False, weights: str = "fp32") -> Query:
-        return cls(tuple(sorted(tasks)), OUTPUTS[softmax], weights)
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.model.tasks
+
+
+def resolve(served: ServedPool, tasks: Sequence[str] = (), classes: Sequence[str] = (), *,
+            softmax: bool = False, weights: str = "fp32", method: str = "poe",
+            widths: Mapping[str, float] | None = None, budget: Budget | None = None,
+            reject_output: bool = False) -> Query:
+    """The Query of a request. Tasks are a set (sorted here: outputs follow the sorted
+    task order), classes a list. A budget picks the widths (poe_core.budget.fit_budget).
+    Raises TaskError (bad names, contradicting options), Unavailable (what the pool does
+    not offer, and why) or BudgetError (stating the smallest possible)."""
+    pool = served.pool
+    if not isinstance(tasks, str):
+        tasks = sorted(tasks)
+    if budget is not None and method == "mask":
+        raise TaskError("a budget chooses expert widths; the mask method has no experts")
+    if budget is not None and widths:
+        raise TaskError("give widths or a budget, not both")
+    model = pool.query(tasks, classes, method=method, widths=widths)
+    pool.require_format(weights)
+    if budget is not None:
+        try:
+            model = fit_budget(served.assembler, model, budget, weights).query
+        except (Unavailable, BudgetError):
+            raise
+        except ValueError as e:  # too many candidates to enumerate
+            raise TaskError(str(e)) from None
+    return Query(model, OUTPUTS[softmax], weights, reject_output)
+
+
+def _whole_tasks(served: ServedPool, model: Composite) -> bool:
+    """Whether a model is the union of whole tasks in sorted order: the queries of
+    before class-level queries, whose ids are a task mask."""
+    return (list(model.tasks) == sorted(model.tasks)
+            and list(model.classes) == served.pool.taxonomy.composite_classes(model.tasks))
 
 
 def model_id(served: ServedPool, query: Query) -> str:
-    position = served.positions
-    mask = sum(1 << position[t] for t in query.tasks)
-    return f"{served.version}-{served.pool_id[:8]}-{mask:x}-{query.output}-{query.weights}"
+    m = query.model
+    if _whole_tasks(served, m):
+        position = served.positions
+        subject = f"{sum(1 << position[t] for t in m.tasks):x}"
+    else:
+        subject = "c" + ".".join(map(str, m.classes))
+    ident = f"{served.version}-{served.pool_id[:8]}-{subject}-{query.output}-{query.weights}"
+    if m.method == "mask":
+        ident += "-mask"
+    default = served.pool.default_width
+    if any(w != default for w in m.widths):
+        ident += "-w" + "_".join(f"{w:g}" for w in m.widths)
+    if query.reject_output:
+        ident += "-reject"
+    return ident
 
 
-def parse_model_id(ident: str) -> tuple[int, str, int, str, str] | None:
-    """(version, pool id prefix, task mask, output, weights) of a well-formed id, else None."""
-    found = MODEL_ID.fullmatch(ident)
+@dataclass(frozen=True)
+class ParsedId:
+    version: int
+    pool_prefix: str
+    subject: str  # hex task mask, or "c" + class indices
+    output: str
+    weights: str
+    mask: bool
+    widths: tuple[float, ...] | None
+    reject_output: bool
+
+
+def parse_model_id(ident: str) -> ParsedId | None:
+    """The parts of a well-formed id, else None."""
+    found = MODEL_ID.fullmatch(ident) if len(ident) <= MAX_ID else None
     if found is None or int(found[1]) > MAX_VERSION:
         return None
-    return int(found[1]), found[2], int(found[3], 16), found[4], found[5]
+    widths = tuple(float(w) for w in found[7].split("_")) if found[7] else None
+    return ParsedId(int(found[1]), found[2], found[3], found[4], found[5], bool(found[6]), widths, bool(found[8]))
 
 
 def query_of(served: ServedPool, ident: str) -> Query | None:
     """The query an id names in this pool version, or None if it names none (ids are
     canonical: one id per model)."""
-    parsed = parse_model_id(ident)
-    if parsed is None:
+    p = parse_model_id(ident)
+    if p is None or p.version != served.version or p.pool_prefix != served.pool_id[:8]:
         return None
-    version, pool_prefix, mask, output, weights = parsed
-    tasks = served.tasks
-    if version != served.version or pool_prefix != served.pool_id[:8] or not 0 < mask < 1 << len(tasks):
+    names = served.pool.taxonomy.classes
+    if p.subject.startswith("c"):
+        indices = [int(i) for i in p.subject[1:].split(".")]
+        if max(indices) >= len(names):
+            return None
+        tasks, classes = (), [names[i] for i in indices]
+    else:
+        mask = int(p.subject, 16)
+        if not 0 < mask < 1 << len(served.tasks):
+            return None
+        tasks, classes = [t for i, t in enumerate(served.tasks) if mask >> i & 1], ()
+    method = "mask" if p.mask else "poe"
+    try:
+        widths = None
+        if p.widths is not None:
+            order = served.pool.query(sorted(tasks), classes).tasks
+            if len(order) != len(p.widths):
+                return None
+            widths = dict(zip(order, p.widths, strict=True))
+        query = resolve(served, tasks, classes, softmax=p.output == "probabilities", weights=p.weights,
+                        method=method, widths=widths, reject_output=p.reject_output)
+    except (TaskError, Unavailable):
         return None
-    query = Query(tuple(sorted(t for i, t in enumerate(tasks) if mask >> i & 1)), output, weights)
     return query if model_id(served, query) == ident else None
 
 
@@ -101,13 +204,26 @@ class ModelInfo:
     normalization: dict
     image_shape: list[int]
     created_at: datetime
+    method: str
+    widths: dict[str, float]
+    reject: RejectRule
+    reject_output: bool
+    mask: dict | None  # what SMART's mask would score for the query ("poe" answers)
 
 
-def file_name(tasks, output: str, weights: str, ident: str, file_format: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(tasks))
+def file_name(query: Query, labels: Sequence[str], ident: str, file_format: str) -> str:
+    """The download's name: its tasks, or its classes when it outputs other than whole
+    tasks, and its options."""
+    m, parsed = query.model, parse_model_id(ident)
+    names = labels if parsed.subject.startswith("c") else m.tasks
+    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(names))
     if len(stem) > 80:
-        stem = f"{len(tasks)}-tasks-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
-    suffix = ("-softmax" if output == "probabilities" else "") + ("" if weights == "fp32" else f"-{weights}")
+        kind = "classes" if parsed.subject.startswith("c") else "tasks"
+        stem = f"{len(names)}-{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+    suffix = ("-mask" if parsed.mask else "") + \
+             ("" if parsed.widths is None else "-ks" + "_".join(f"{w:g}" for w in parsed.widths)) + \
+             ("-softmax" if query.output == "probabilities" else "") + \
+             ("" if query.weights == "fp32" else f"-{query.weights}") + ("-reject" if parsed.reject_output else "")
     return f"poe-{stem}{suffix}.{file_format}"
 
 
@@ -121,9 +237,11 @@ class ServedModel:
     data: bytes = field(repr=False)
     labels: tuple[str, ...]
     format: str = "onnx"
+    rule: RejectRule | None = field(default=None, repr=False)  # the one in the graph, if any
 
     @cached_property
     def sha256(self) -> str:
+        """Computed when asked (metadata): the ETag needs no hash of the bytes."""
         return hashlib.sha256(self.data).hexdigest()
 
     @property
@@ -131,31 +249,43 @@ class ServedModel:
         return len(self.data)
 
     @cached_property
+    def etag(self) -> str:
+        tag = f"{self.id}.{self.served.pool_id}"
+        return tag if self.format == "onnx" else f"{tag}.{self.format}-onnxruntime-{onnxruntime.__version__}"
+
+    @cached_property
     def headers(self) -> dict[str, str]:
-        q = self.query
-        name = file_name(q.tasks, q.output, q.weights, self.id, self.format)
         return {
-            "ETag": f'"{self.sha256}"',
+            "ETag": f'"{self.etag}"',
             "Cache-Control": "public, max-age=31536000, immutable",
             "X-Model-Id": self.id,
-            "Content-Disposition": f'attachment; filename="{name}"',
+            "Content-Disposition": f'attachment; filename="{file_name(self.query, self.labels, self.id, self.format)}"',
         }
 
-    @property
+    @cached_property
     def info(self) -> ModelInfo:
-        """Computed when asked (a metadata answer): the ONNX answer needs none of it."""
+        """Computed when asked (a metadata answer), once: the file answer needs none of it."""
         pool, q = self.served.pool, self.query
-        by_format = {w: pool.composite_accuracy(q.tasks, w) if pool.format_info(w)["available"] else None
-                     for w in FORMATS}
+        m = q.model
+        by_format = {w: pool.accuracy(m, w) if pool.format_info(w)["available"] else None for w in FORMATS}
+        mask = None
+        if m.method == "poe":
+            baseline = replace(m, method="mask", widths=())
+            reason = pool.unavailable("mask")
+            mask = ({"val_acc": None, "params": None, "unavailable": reason} if reason else
+                    {"val_acc": pool.accuracy(baseline, q.weights), "params": pool.params(baseline),
+                     "unavailable": None})
         return ModelInfo(
             id=self.id, pool_version=self.served.version, pool_id=self.served.pool_id, tasks=q.tasks,
             output=q.output, weights=q.weights, format=self.format, sha256=self.sha256, size=self.size,
-            labels=self.labels, params=pool.composite_params(q.tasks), flops=pool.composite_flops(q.tasks),
+            labels=self.labels, params=pool.params(m), flops=pool.flops(m),
             val_acc=by_format[q.weights], val_acc_by_format=by_format,
-            val_acc_by_class=pool.accuracy_by_class(pool.query(q.tasks), q.weights),
+            val_acc_by_class=pool.accuracy_by_class(m, q.weights),
             normalization={"mean": pool.mean, "std": pool.std}, image_shape=pool.image_shape,
             # The model exists, as a function, since its pool version does.
             created_at=self.served.created_at,
+            method=m.method, widths=dict(zip(m.tasks, m.widths, strict=True)),
+            reject=self.rule or pool.reject_rule(m, q.weights), reject_output=q.reject_output, mask=mask,
         )
 
 
@@ -169,18 +299,25 @@ class ModelCache:
         self._lock = threading.Lock()
         self.assemblies = 0
 
-    def get(self, served: ServedPool, query: Query) -> ServedModel:
-        """The model of a validated query in a weight format the pool offers."""
-        ident = model_id(served, query)
+    def get(self, served: ServedPool, query: Query, ident: str | None = None) -> ServedModel:
+        """The model of a validated query (`ident`: its model_id, if known already)."""
+        ident = ident or model_id(served, query)
         with self._lock:
             model = self._models.get(ident)
             if model is None:
-                assembled = served.assembler.assemble(query.tasks, softmax=query.output == "probabilities",
-                                                      weights=query.weights)
+                started = time.perf_counter()
+                rule = served.pool.reject_rule(query.model, query.weights) if query.reject_output else None
+                assembled = served.assembler.assemble(query.model, softmax=query.output == "probabilities",
+                                                      weights=query.weights, reject=rule,
+                                                      reject_output=query.reject_output)
+                ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+                CACHE_MISS.inc()
                 self.assemblies += 1
-                model = ServedModel(served, query, ident, assembled.data, assembled.labels)
+                model = ServedModel(served, query, ident, assembled.data, assembled.labels, rule=rule)
                 if model.size <= self._models.maxsize:
                     self._models[ident] = model
+            else:
+                CACHE_HIT.inc()
         return model
 
     @property
@@ -192,10 +329,10 @@ class ModelCache:
 
 
 class OrtFiles:
-    """ORT-format conversions, keyed by the ONNX file's sha256 (shared safely by every
-    pool version): converted on `workers` threads of their own, once per key however
-    many ask at once, at most `max_pending` waiting (then ServerBusy); the last `size`
-    results stay in memory."""
+    """ORT-format conversions, keyed by the ONNX file's ETag (its id and full pool id):
+    converted on `workers` threads of their own, once per key however many ask at once,
+    at most `max_pending` waiting (then ServerBusy); the last `size` results stay in
+    memory."""
 
     def __init__(self, size: int = 64, workers: int = 1, max_pending: int = 32) -> None:
         self._files: LRUCache = LRUCache(maxsize=size)
@@ -206,14 +343,15 @@ class OrtFiles:
         self.max_pending = max_pending
 
     def _convert(self, model: ServedModel) -> ServedModel:
-        converted = ServedModel(model.served, model.query, model.id, to_ort(model.data), model.labels, "ort")
+        converted = ServedModel(model.served, model.query, model.id, to_ort(model.data), model.labels, "ort",
+                                model.rule)
         with self._lock:
-            self._files[model.sha256] = converted
-            del self._pending[model.sha256]
+            self._files[model.etag] = converted
+            del self._pending[model.etag]
         return converted
 
     async def get(self, model: ServedModel) -> ServedModel:
-        key = model.sha256
+        key = model.etag
         with self._lock:
             found = self._files.get(key)
             if found is not None:
