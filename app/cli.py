@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -50,15 +51,26 @@ def serve(
     """Run the API (uvicorn) and one worker on the embedded default (SQLite + blobs in POE_DATA_DIR)."""
     import uvicorn
 
+    from app import logs
+
+    workers = workers or _cores()
+    settings = _settings(host=host, port=port)
+    logs.use_json(settings.log_level)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each API process writes its metrics there and /metrics sums them (read by
+        # prometheus_client when it is imported: before app.main is).
+        metrics_dir = settings.data_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+
     from app.jobs.supervisor import Supervisor
     from app.main import create_app
     from app.services import Services, admin_token
 
-    workers = workers or _cores()
     if worker:
         # Every API process (uvicorn's children read the environment) reports a dead worker in /ready.
         os.environ["POE_REQUIRE_WORKER"] = "true"
-    settings = _settings(host=host, port=port)
     # Migrate and import the default pool here, once, before the worker starts polling.
     Services.start(settings).close()
     if admin_token(settings) and not settings.admin_token:
@@ -78,7 +90,8 @@ def serve(
         # A new API process imports onnx and torch before it answers uvicorn's health pings:
         # on a busy machine that takes longer than uvicorn's 5 s, which would kill it in a loop.
         uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower(), timeout_worker_healthcheck=120)
+                    log_level=settings.log_level.lower(), log_config=logs.config(settings.log_level),
+                    access_log=False, timeout_worker_healthcheck=120)
     finally:
         if supervisor is not None:
             supervisor.stop()
@@ -90,8 +103,10 @@ def run_worker(
     exit_with: Annotated[int | None, typer.Option(hidden=True, help="Stop when this process is gone.")] = None,
 ) -> None:
     """Claim and run extraction jobs from the jobs table until stopped (SIGTERM)."""
+    from app import logs
     from app.jobs.worker import Worker
 
+    logs.use_json(_settings().log_level)
     worker = Worker(_services(), parent_pid=exit_with)
     worker.install_signal_handlers()
     worker.run(once=once)

@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app import errors, web
+from app import errors, telemetry, web
 from app.api import admin, health, models, tasks
 from app.jobs.queue import recover_stale
 from app.services import Services, admin_token
 from app.settings import Settings
+from app.telemetry import RequestTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,22 @@ async def lifespan(app: FastAPI):
         await run_in_threadpool(services.close)
 
 
+class PoeAPI(FastAPI):
+    def build_middleware_stack(self):
+        # Outside Starlette's error handling, so a 500 is timed and logged, and carries its
+        # request id, like any answer. FastLane answers POST /models before routing.
+        return RequestTelemetry(super().build_middleware_stack(), fast_paths={("POST", "/models"): "/models"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     # app.web serves /docs and /redoc from npm packages, with no CDN
-    app = FastAPI(title="Pool of Experts", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = PoeAPI(title="Pool of Experts", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                 docs_url=None, redoc_url=None)
     app.state.settings = settings or Settings()
     errors.install(app)
     app.add_middleware(models.FastLane)  # inside the body limit: added first
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
-    for module in (health, tasks, models, admin):
+    for module in (health, telemetry, tasks, models, admin):
         app.include_router(module.router)
     web.mount(app)
     return app

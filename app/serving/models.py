@@ -28,6 +28,7 @@ import hashlib
 import re
 import threading
 import time
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ from functools import cached_property
 import onnxruntime
 from cachetools import LRUCache
 
+from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
 from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
 from app.serving.registry import ServedPool
 from app.store.db import Database
@@ -306,16 +308,21 @@ class ModelCache:
             model = self._models.get(ident)
             if model is None:
                 started = time.perf_counter()
+                started = time.perf_counter()
                 rule = served.pool.reject_rule(query.model, query.weights) if query.reject_output else None
                 assembled = served.assembler.assemble(query.model, softmax=query.output == "probabilities",
                                                       weights=query.weights, reject=rule,
                                                       reject_output=query.reject_output)
                 ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
                 CACHE_MISS.inc()
+                ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+                CACHE_MISS.inc()
                 self.assemblies += 1
                 model = ServedModel(served, query, ident, assembled.data, assembled.labels, rule=rule)
                 if model.size <= self._models.maxsize:
                     self._models[ident] = model
+            else:
+                CACHE_HIT.inc()
             else:
                 CACHE_HIT.inc()
         return model
