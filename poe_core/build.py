@@ -261,19 +261,29 @@ def build_pool(
             student=entries.get(STUDENT), oracle=oracle_entry,
             formats=formats, val_labels="logits/val_labels.npy", training=training or {},
             export_seconds=round(export_seconds, 2),
-            files={p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+            files=_hashes(tmp),
         )
-        stored = manifest.model_dump(mode="json")
-        stored["pool_id"] = pool_id(stored)
-        (tmp / "manifest.json").write_text(json.dumps(stored, indent=1))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_pool(out)
+
+
+def _hashes(tmp: Path) -> dict[str, str]:
+    """sha256 of every file of a bundle being written, by relative path."""
+    return {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+def _publish(tmp: Path, out: Path, manifest: Manifest) -> None:
+    """Write the manifest with its pool id into `tmp` and move the bundle to `out`."""
+    stored = manifest.model_dump(mode="json")
+    stored["pool_id"] = pool_id(stored)
+    (tmp / "manifest.json").write_text(json.dumps(stored, indent=1))
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def _validation_logits(tmp: Path, onnx_by_format: Mapping[str, tuple[bytes, Mapping[str, bytes]]],
@@ -365,16 +375,8 @@ def extend_pool(pool: Pool, out: str | Path, *, task: str, classes: Sequence[int
                                  "widths": {width_key(w): e for w, e in entries.items()}}
         spec["training"]["added_tasks"] = [*spec["training"].get("added_tasks", []), training]
         spec["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        spec["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                         for p in sorted(tmp.rglob("*")) if p.is_file()}
-        spec["pool_id"] = ""
-        stored = Manifest.model_validate(spec).model_dump(mode="json")
-        stored["pool_id"] = pool_id(stored)
-        (tmp / "manifest.json").write_text(json.dumps(stored, indent=1))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        spec["files"] = _hashes(tmp)
+        _publish(tmp, out, Manifest.model_validate(spec | {"pool_id": ""}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
