@@ -184,7 +184,7 @@ def run_phase(
         library = load_wrn(work, "library", n_classes, in_ch).library
         tasks = list(plan.tasks) if plan.tasks else splits.taxonomy.task_names
         splits.taxonomy.validate(tasks)
-        teacher, bank_info = _teacher(work, splits, plan, plan.expert_cfg, progress)
+        teacher, bank_info = _teacher(work, splits, plan, plan.expert_cfg, progress, library=library)
         experts, result = train.train_experts(library, teacher, splits, tasks, plan.expert_spec, plan.expert_cfg,
                                               widths=plan.widths, checkpoint=ckpt, progress=progress)
         info = _figures(result, plan.expert_cfg, plan.expert_spec) | bank_info
@@ -202,10 +202,14 @@ def run_phase(
     return info
 
 
-def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig, progress: ProgressFn | None):
+def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig, progress: ProgressFn | None,
+             library: torch.nn.Module | None = None):
     """What a student phase learns from: the logit bank of the work directory's oracle
-    (built or resumed here), or the oracle module itself when the plan has no bank."""
-    from poe_core.bank import build_bank
+    (built or resumed here), or the oracle module itself when the plan has no bank.
+    Given the frozen `library` (the expert phase), the bank also holds its features of
+    every stored view, so the experts train without running the library either."""
+    from poe_core.bank import build_bank, build_features
+    from poe_core.data import Normalize
 
     device = pick_device(cfg.device)
     oracle = load_oracle(work, splits, device)
@@ -218,15 +222,23 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
                               "read it through a logit bank (bank views >= 1)")
         return oracle.module, {"teacher": "live oracle"}
 
-    def report(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress("bank", 1, 1, done, total, 0.0))
+    def report(what: str):
+        def done_of(done: int, total: int) -> None:
+            if progress is not None:
+                progress(Progress(what, 1, 1, done, total, 0.0))
+        return done_of
 
     precision = resolve_precision(cfg.precision, device.type)
     with distributed.main_first():  # rank 0 fills the bank; the others find it complete and read it
         bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision,
-                          progress=report)
-    return bank, {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
+                          progress=report("bank"))
+        if library is not None:
+            bank = build_features(library.to(device), bank, splits.train, work, device=device, precision=precision,
+                                  normalize=Normalize(splits.mean, splits.std, device), progress=report("features"))
+    info = {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
+    if library is not None:
+        info["bank"]["library_features"] = True
+    return bank, info
 
 
 def _size(model: WideResNet, splits: Splits) -> dict:

@@ -323,9 +323,12 @@ def train_heads(
     if bad:
         raise ValueError(f"unknown loss(es) {bad}; use ckd, soft or scale")
 
+    # A bank with the library's features (poe_core.bank.build_features) hands them over as x.
+    precomputed = oracle is None and teacher.features is not None
+
     def step_loss(x, y, t):
         with torch.no_grad():
-            features = library(x)
+            features = x if precomputed else library(x)
             if t is None:
                 t = oracle(x)
         total = 0

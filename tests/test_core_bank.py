@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_plan
 
 from poe_core import device as poe_device
-from poe_core.bank import LogitBank, ViewRecipe, build_bank
+from poe_core.bank import LogitBank, ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, apply_views, channel_stats, make_synthetic
 from poe_core.extract import load_expert_widths, load_oracle, load_wrn, phase_info, run_phase
 from poe_core.oracle import OracleError, from_module
@@ -91,6 +91,58 @@ def test_bank_trained_expert_equals_live_oracle_expert_on_the_same_views(tmp_pat
             # the bank stores fp16 targets: equal up to that rounding
             torch.testing.assert_close(from_bank[task].state_dict()[key], value, atol=2e-3, rtol=2e-3)
     assert r1.best_val_acc == r2.best_val_acc
+
+
+def test_experts_on_stored_library_features_equal_experts_running_the_library(tmp_path, work_dir, synthetic,
+                                                                             oracle):
+    library = load_wrn(work_dir, "library", 6).library
+    plan = tiny_plan(epochs=2)
+    bank = build_bank(oracle, synthetic.train, ViewRecipe(views=3), tmp_path, device=CPU)
+    normalize = Normalize(synthetic.mean, synthetic.std, CPU)
+    with_features = build_features(library, bank, synthetic.train, tmp_path, normalize=normalize, device=CPU)
+    assert with_features.features.shape[:2] == (3, len(synthetic.train))
+    v, i = 2, 7  # a stored feature is the library's output on that stored view
+    x = normalize(apply_views(synthetic.train.x[i:i + 1], bank.views[v, i:i + 1], bank.recipe.pad))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(with_features.features[v, i:i + 1]).float(), library(x),
+                                   atol=2e-2, rtol=2e-3)
+    tasks = ["task0", "task2"]
+    stored, r1 = train_experts(library, with_features, synthetic, tasks, plan.expert_spec, plan.expert_cfg)
+    running, r2 = train_experts(library, bank, synthetic, tasks, plan.expert_spec, plan.expert_cfg)
+    for task in tasks:
+        for key, value in running[task].state_dict().items():
+            # the features are stored in fp16: equal up to that rounding
+            torch.testing.assert_close(stored[task].state_dict()[key], value, atol=5e-3, rtol=5e-3)
+    assert r1.best_val_acc == pytest.approx(r2.best_val_acc, abs=0.02)
+
+
+def test_library_features_resume_and_follow_the_library(tmp_path, work_dir, synthetic, oracle):
+    library = load_wrn(work_dir, "library", 6).library
+    bank = build_bank(oracle, synthetic.train, ViewRecipe(views=2), tmp_path, device=CPU)
+    normalize = Normalize(synthetic.mean, synthetic.std, CPU)
+    full = build_features(library, bank, synthetic.train, tmp_path / "full", normalize=normalize, device=CPU)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(done, _total):
+        if done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        build_features(library, bank, synthetic.train, tmp_path, normalize=normalize, device=CPU,
+                       progress=stop_after_one)
+    computed = []
+    resumed = build_features(library, bank, synthetic.train, tmp_path, normalize=normalize, device=CPU,
+                             progress=lambda done, total: computed.append(done))
+    assert computed == [2]  # only the missing chunk
+    assert (resumed.features == full.features).all()
+    other = load_wrn(work_dir, "library", 6).library
+    with torch.no_grad():
+        other.conv1.weight.mul_(2)
+    changed = build_features(other, bank, synthetic.train, tmp_path, normalize=normalize, device=CPU)
+    assert not (changed.features == full.features).all()
+    assert len(list(tmp_path.glob("bank-*/features-*.npy"))) == 2
 
 
 def test_experts_at_several_widths_train_jointly(tmp_path, work_dir, synthetic):
