@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,19 @@ def work_dir(tmp_path_factory, synthetic) -> Path:
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory, work_dir, synthetic) -> Pool:
     return build_pool_from_work(work_dir, tmp_path_factory.mktemp("pools") / "synthetic", synthetic)
+
+
+WIDTHS = (0.25, 0.5)
+
+
+@pytest.fixture(scope="session")
+def wide_pool(tmp_path_factory, work_dir, synthetic) -> Pool:
+    """The session's oracle and library, experts trained jointly at two widths."""
+    work = shutil.copytree(work_dir, tmp_path_factory.mktemp("wide") / "work")
+    for name in ("experts.json", "experts.safetensors"):
+        (work / name).unlink()
+    run_phase("experts", work, synthetic, dataclasses.replace(tiny_plan(epochs=2), expert_widths=WIDTHS))
+    return build_pool_from_work(work, work.parent / "pool", synthetic)
 
 
 # The service's fixtures (store, API client, worker processes) and the S3 server live in

@@ -1,37 +1,22 @@
 """Class-level queries, the mask baseline, expert widths under budgets and the reject
 rule: every figure the pool reports equals onnxruntime on the delivered model."""
 
-import dataclasses
 import json
-import shutil
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_plan
+from conftest import WIDTHS
 
 from poe_core.assemble import Assembler
 from poe_core.budget import Budget, BudgetError, candidates, fit_budget, plan
-from poe_core.build import build_pool_from_work, normalised
+from poe_core.build import normalised
 from poe_core.evaluate import task_specific_accuracy
-from poe_core.extract import run_phase
 from poe_core.formats import Unavailable
 from poe_core.reject import auroc, fit_reject, threshold_for
 from poe_core.taxonomy import TaskError
-
-WIDTHS = (0.25, 0.5)
-
-
-@pytest.fixture(scope="module")
-def wide_pool(tmp_path_factory, work_dir, synthetic):
-    """The session's oracle and library, experts trained jointly at two widths."""
-    work = shutil.copytree(work_dir, tmp_path_factory.mktemp("wide") / "work")
-    for name in ("experts.json", "experts.safetensors"):
-        (work / name).unlink()
-    run_phase("experts", work, synthetic, dataclasses.replace(tiny_plan(epochs=2), expert_widths=WIDTHS))
-    return build_pool_from_work(work, work.parent / "pool", synthetic)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def test_ort_format_from_post_and_download(client, synthetic):
     assert meta["format"] == "ort" and meta["download_url"].endswith("/download?format=ort")
     r = client.post("/models", json=body)
     assert r.content[4:8] == b"ORTM"
-    assert len(r.content) == meta["bytes"] and r.headers["etag"].startswith(f'"{meta["id"]}.{meta["pool_id"]}.ort')
+    assert len(r.content) == meta["bytes"] and r.headers["etag"].startswith(f'W/"{meta["id"]}.{meta["pool_id"]}.ort')
     assert r.headers["content-disposition"].endswith('-int8.ort"')
     onnx_answer = client.post("/models", json={"tasks": TASKS, "options": {"weights": "int8"}})
     assert onnx_answer.headers["etag"] != r.headers["etag"]  # a cache never mistakes one for the other

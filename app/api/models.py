@@ -227,9 +227,9 @@ def plan_of(served: ServedPool, request: ModelRequest, size: str, base_url: str)
     """The accuracy-vs-size Pareto front of a request's query over the expert widths, within
     its budget if it gives one (poe_core.budget.plan); one point when the pool holds one
     width. Nothing is assembled but one model, for the bytes of every choice."""
+    query = _query(served, request, budget=False)
     if request.options.widths:
         raise InvalidTasks("a plan chooses the widths: send the query without widths", served.tasks)
-    query = _query(served, request, budget=False)
     m, weights = query.model, query.weights
     if m.method == "mask":
         raise InvalidTasks("a plan chooses expert widths; the mask method has no experts", served.tasks)

@@ -7,15 +7,17 @@ output), and so is its id, which spells that query out:
 
 The subject is the set of whole primitive tasks, in sorted order, as a hex bit mask over
 the pool's tasks (the only form before class-level queries, so those ids never changed),
-or else "c" and the output classes, in order, as class indices joined by dots. The
-experts follow from the classes (their owners, in order of first mention: see
-poe_core.query). "-mask" is SMART's baseline; "-w" the expert width (ks) of every task
+or else "c", the output classes in order as class indices joined by dots, "t" and the
+experts' task mask (primitive tasks may share classes, so the classes alone do not name
+the experts; their order is that of their first class among the outputs, as
+poe_core.query orders them). "-mask" is SMART's baseline; "-w" the expert width (ks) of every task
 in order, present only when one differs from the pool's default; "-reject" the graph's
 `accepted` output. A budget is resolved to widths before the id is made. Any id ever
 issued therefore resolves after any restart, on any replica: the model is assembled again
 (a few memory copies) and has the same bytes and ETag. The ETag is the id and the full
 pool id (the pool is content-addressed), so no file is hashed to answer; the ORT
-conversion's ETag adds the onnxruntime version that made it. Bytes live only in bounded
+conversion's ETag adds the onnxruntime version that made it, and is weak: onnxruntime
+writes equivalent, not identical, bytes on every conversion. Bytes live only in bounded
 in-memory LRU caches; `.ort` conversions (tens of milliseconds in onnxruntime) run on a
 small executor of their own, so they never hold up the event loop or the requests that
 need no conversion.
@@ -28,7 +30,6 @@ import hashlib
 import re
 import threading
 import time
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,6 @@ from functools import cached_property
 import onnxruntime
 from cachetools import LRUCache
 
-from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
 from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
 from app.serving.registry import ServedPool
 from app.store.db import Database
@@ -56,7 +56,8 @@ MAX_VERSION = 2**31 - 1  # the pools.version column's range
 MAX_ID = 4096  # characters: a class subject of about a thousand classes
 _WIDTH = r"\d{1,3}(?:\.\d{1,6})?"
 MODEL_ID = re.compile(
-    r"(\d{1,10})-([0-9a-f]{8})-([0-9a-f]{1,64}|c\d{1,6}(?:\.\d{1,6})*)-(logits|probabilities)-(fp32|fp16|int8)"
+    r"(\d{1,10})-([0-9a-f]{8})-([0-9a-f]{1,64}|c\d{1,6}(?:\.\d{1,6})*t[0-9a-f]{1,64})-(logits|probabilities)"
+    r"-(fp32|fp16|int8)"
     rf"(-mask)?(?:-w({_WIDTH}(?:_{_WIDTH})*))?(-reject)?")
 
 
@@ -115,11 +116,10 @@ def _whole_tasks(served: ServedPool, model: Composite) -> bool:
 
 def model_id(served: ServedPool, query: Query) -> str:
     m = query.model
-    if _whole_tasks(served, m):
-        position = served.positions
-        subject = f"{sum(1 << position[t] for t in m.tasks):x}"
-    else:
-        subject = "c" + ".".join(map(str, m.classes))
+    position = served.positions
+    subject = f"{sum(1 << position[t] for t in m.tasks):x}"
+    if not _whole_tasks(served, m):
+        subject = "c" + ".".join(map(str, m.classes)) + "t" + subject
     ident = f"{served.version}-{served.pool_id[:8]}-{subject}-{query.output}-{query.weights}"
     if m.method == "mask":
         ident += "-mask"
@@ -152,35 +152,58 @@ def parse_model_id(ident: str) -> ParsedId | None:
     return ParsedId(int(found[1]), found[2], found[3], found[4], found[5], bool(found[6]), widths, bool(found[8]))
 
 
+def _tasks(served: ServedPool, mask: str) -> list[str] | None:
+    bits = int(mask, 16)
+    return [t for i, t in enumerate(served.tasks) if bits >> i & 1] if 0 < bits < 1 << len(served.tasks) else None
+
+
+def _class_query(served: ServedPool, classes: list[int], tasks: list[str], method: str) -> Composite | None:
+    """The model outputting `classes` from the experts of `tasks`, ordered as poe_core.query
+    orders them (by their first class among the outputs), if that is a model at all."""
+    taxonomy = served.pool.taxonomy
+    where = {c: k for k, c in enumerate(classes)}
+    first = {t: min((where[c] for c in taxonomy.tasks[t] if c in where), default=None) for t in tasks}
+    if len(where) != len(classes) or max(classes) >= len(taxonomy.classes) or None in first.values():
+        return None
+    tasks = sorted(tasks, key=first.__getitem__)
+    taxonomy.check_disjoint(tasks)
+    if not set(classes) <= set(taxonomy.composite_classes(tasks)):
+        return None
+    return Composite(tuple(tasks), (), tuple(classes), method)
+
+
 def query_of(served: ServedPool, ident: str) -> Query | None:
     """The query an id names in this pool version, or None if it names none (ids are
     canonical: one id per model)."""
     p = parse_model_id(ident)
     if p is None or p.version != served.version or p.pool_prefix != served.pool_id[:8]:
         return None
-    names = served.pool.taxonomy.classes
-    if p.subject.startswith("c"):
-        indices = [int(i) for i in p.subject[1:].split(".")]
-        if max(indices) >= len(names):
-            return None
-        tasks, classes = (), [names[i] for i in indices]
-    else:
-        mask = int(p.subject, 16)
-        if not 0 < mask < 1 << len(served.tasks):
-            return None
-        tasks, classes = [t for i, t in enumerate(served.tasks) if mask >> i & 1], ()
-    method = "mask" if p.mask else "poe"
+    pool, method = served.pool, "mask" if p.mask else "poe"
+    classes, _, mask = p.subject[1:].partition("t") if "t" in p.subject else ("", "", p.subject)
+    tasks = _tasks(served, mask)
+    if tasks is None:
+        return None
     try:
-        widths = None
-        if p.widths is not None:
-            order = served.pool.query(sorted(tasks), classes).tasks
-            if len(order) != len(p.widths):
+        if not classes:  # whole tasks
+            model = pool.query(sorted(tasks), method=method)
+        else:
+            model = _class_query(served, [int(c) for c in classes.split(".")], tasks, method)
+            if model is None:
                 return None
-            widths = dict(zip(order, p.widths, strict=True))
-        query = resolve(served, tasks, classes, softmax=p.output == "probabilities", weights=p.weights,
-                        method=method, widths=widths, reject_output=p.reject_output)
+            # pool.query checks what the pool offers (the student head, the widths).
+            pool.query(model.tasks, method=method)
+        if method == "poe":
+            widths = p.widths or (pool.default_width,) * len(model.tasks)
+            if len(widths) != len(model.tasks):
+                return None
+            pool.query(model.tasks, widths=dict(zip(model.tasks, widths, strict=True)))
+            model = replace(model, widths=tuple(widths))
+        elif p.widths is not None:
+            return None
+        pool.require_format(p.weights)
     except (TaskError, Unavailable):
         return None
+    query = Query(model, p.output, p.weights, p.reject_output)
     return query if model_id(served, query) == ident else None
 
 
@@ -257,8 +280,9 @@ class ServedModel:
 
     @cached_property
     def headers(self) -> dict[str, str]:
+        # onnxruntime does not write an ORT file byte for byte the same twice: equivalent, so a weak ETag.
         return {
-            "ETag": f'"{self.etag}"',
+            "ETag": f'"{self.etag}"' if self.format == "onnx" else f'W/"{self.etag}"',
             "Cache-Control": "public, max-age=31536000, immutable",
             "X-Model-Id": self.id,
             "Content-Disposition": f'attachment; filename="{file_name(self.query, self.labels, self.id, self.format)}"',
@@ -286,7 +310,7 @@ class ServedModel:
             normalization={"mean": pool.mean, "std": pool.std}, image_shape=pool.image_shape,
             # The model exists, as a function, since its pool version does.
             created_at=self.served.created_at,
-            method=m.method, widths=dict(zip(m.tasks, m.widths, strict=True)),
+            method=m.method, widths=dict(zip(m.tasks, m.widths, strict=True)) if m.method == "poe" else {},
             reject=self.rule or pool.reject_rule(m, q.weights), reject_output=q.reject_output, mask=mask,
         )
 
@@ -308,21 +332,16 @@ class ModelCache:
             model = self._models.get(ident)
             if model is None:
                 started = time.perf_counter()
-                started = time.perf_counter()
                 rule = served.pool.reject_rule(query.model, query.weights) if query.reject_output else None
                 assembled = served.assembler.assemble(query.model, softmax=query.output == "probabilities",
                                                       weights=query.weights, reject=rule,
                                                       reject_output=query.reject_output)
                 ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
                 CACHE_MISS.inc()
-                ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
-                CACHE_MISS.inc()
                 self.assemblies += 1
                 model = ServedModel(served, query, ident, assembled.data, assembled.labels, rule=rule)
                 if model.size <= self._models.maxsize:
                     self._models[ident] = model
-            else:
-                CACHE_HIT.inc()
             else:
                 CACHE_HIT.inc()
         return model
