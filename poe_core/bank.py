@@ -161,10 +161,13 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def build_features(
     library: torch.nn.Module, bank: LogitBank, images: ImageSet, work: Path, *, normalize: Normalize,
     device: torch.device, precision: str = "fp32", progress: Callable[[int, int], None] | None = None,
+    compute: bool = True,
 ) -> LogitBank:
     """The bank with the frozen `library`'s features of every stored view, computed (or
     resumed) chunk by chunk into `work/bank-<bank key>/features-<key>.npy`, keyed by
-    the library's weights, the normalisation and the precision they were computed in."""
+    the library's weights, the normalisation and the precision they were computed in.
+    With `compute=False` only finished features are used: else the bank comes back as is
+    (computing them costs one library pass per view, which pays only over more epochs)."""
     doc = {"bank": bank.key, "library": module_fingerprint(library), "precision": precision,
            "mean": normalize.mean.flatten().tolist(), "std": normalize.std.flatten().tolist()}
     key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -174,6 +177,9 @@ def build_features(
     views, n = bank.recipe.views, len(images)
     library.eval()
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    units = [(v, s) for v in range(views) for s in range(0, n, CHUNK)]
+    if not compute and (state is None or state["done"] < len(units)):
+        return bank
     if state is None:
         with torch.no_grad():
             shape = tuple(library(normalize(images.x[:1].to(device))).shape[1:])
@@ -181,7 +187,6 @@ def build_features(
         state = doc | {"key": key, "shape": list(shape), "done": 0}
         atomic_write(state_path, json.dumps(state))
     store = np.load(path, mmap_mode="r+")
-    units = [(v, s) for v in range(views) for s in range(0, n, CHUNK)]
     if state["done"] < len(units):
         log.info("library features %s: %d of %d chunks to compute", key, len(units) - state["done"], len(units))
     for i in range(state["done"], len(units)):

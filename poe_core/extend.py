@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poe_core.bank import CHUNK, LogitBank, ViewRecipe, bank_key, build_bank
-from poe_core.data import Splits, apply_views
+from poe_core.bank import CHUNK, LogitBank, ViewRecipe, bank_key, build_bank, build_features
+from poe_core.data import Normalize, Splits, apply_views
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import WRNSpec
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle
@@ -212,7 +212,16 @@ def add_task(
 
             teacher = build_bank(oracle, splits.train, recipe, work, device=device, precision=precision,
                                  progress=report)
-        teacher_info = {"teacher": "logit bank", "bank": {"key": teacher.key, **dataclasses.asdict(teacher.recipe)}}
+            where = work
+        # The library's stored features of the bank's views (left by the pool's own expert
+        # phase, or computed here when the epochs outnumber the views) spare its forward pass.
+        library, normalize = pool.library.to(device), Normalize(splits.mean, splits.std, device)
+        for directory, compute in ((where, False), (work, cfg.epochs > teacher.recipe.views)):
+            if teacher.features is None:
+                teacher = build_features(library, teacher, splits.train, directory, device=device,
+                                         precision=precision, normalize=normalize, compute=compute)
+        teacher_info = {"teacher": "logit bank", "bank": {"key": teacher.key, **dataclasses.asdict(teacher.recipe),
+                                                          "library_features": teacher.features is not None}}
     bank_seconds = time.perf_counter() - t0
 
     taxonomy = Taxonomy(pool.taxonomy.classes, {**pool.taxonomy.tasks, name: tuple(indices)})

@@ -206,8 +206,9 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
              library: torch.nn.Module | None = None):
     """What a student phase learns from: the logit bank of the work directory's oracle
     (built or resumed here), or the oracle module itself when the plan has no bank.
-    Given the frozen `library` (the expert phase), the bank also holds its features of
-    every stored view, so the experts train without running the library either."""
+    Given the frozen `library` (the expert phase) and more epochs than views, the bank
+    also holds its features of every stored view, so the experts train without running
+    the library either."""
     from poe_core.bank import build_bank, build_features
     from poe_core.data import Normalize
 
@@ -232,12 +233,12 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
     with distributed.main_first():  # rank 0 fills the bank; the others find it complete and read it
         bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision,
                           progress=report("bank"))
-        if library is not None:
+        if library is not None and cfg.epochs > plan.bank.views:  # else the features would cost more than they save
             bank = build_features(library.to(device), bank, splits.train, work, device=device, precision=precision,
                                   normalize=Normalize(splits.mean, splits.std, device), progress=report("features"))
     info = {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
     if library is not None:
-        info["bank"]["library_features"] = True
+        info["bank"]["library_features"] = bank.features is not None
     return bank, info
 
 

@@ -1,15 +1,19 @@
 """poe_core.extend: a pool extended with a custom primitive task, its other parts untouched."""
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from poe_core.bank import ViewRecipe, build_features
+
 from poe_core.cli import app
-from poe_core.data import make_synthetic
-from poe_core.extend import ExtensionError, add_task, check_data
+from poe_core.data import Normalize, make_synthetic
+from poe_core.extend import ExtensionError, add_task, check_data, find_bank, kept_oracle
 from poe_core.files import sha256_file
 from poe_core.pool import load_pool
 from poe_core.recipe import TrainConfig
 
+CPU = torch.device("cpu")
 TINY = TrainConfig(epochs=2, batch_size=16, lr=0.05, precision="fp32", device="cpu")
 
 
@@ -20,6 +24,11 @@ def _hashes(root):
 def test_a_task_is_added_beside_byte_identical_parts_from_the_pools_bank(pool, work_dir, synthetic, tmp_path):
     before = _hashes(pool.root)
     job = tmp_path / "job"
+    # The pool's library features of its bank's views, as an expert phase of more epochs
+    # than views leaves them: the new expert reads them instead of running the library.
+    bank = find_bank(pool, kept_oracle(pool, CPU), synthetic, ViewRecipe(8), [work_dir], CPU)[0]
+    build_features(pool.library, bank, synthetic.train, work_dir, device=CPU,
+                   normalize=Normalize(synthetic.mean, synthetic.std, CPU))
     new = add_task(load_pool(pool.root), tmp_path / "new", synthetic, "mixed", ["class2_0", "class0_1"],
                    work=job, cfg=TINY, bank_dirs=[work_dir])
     assert _hashes(pool.root) == before  # the old bundle is not touched
@@ -30,7 +39,7 @@ def test_a_task_is_added_beside_byte_identical_parts_from_the_pools_bank(pool, w
     # The bank the pool's experts learned from was found and checked against the kept
     # oracle, so no oracle ran over the training images here.
     assert added["teacher"] == "logit bank" and added["bank"]["key"] == pool.spec.training["experts"]["bank"]["key"]
-    assert not list(job.glob("bank-*"))
+    assert not list(job.glob("bank-*")) and added["bank"]["library_features"]
     for fmt in ("fp32", "fp16", "int8"):
         q = new.query(["mixed"])
         assert new.part("mixed").files(fmt).val_acc == pytest.approx(new.accuracy(q, fmt))
