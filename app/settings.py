@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0)
     stale_seconds: float = Field(60.0, gt=0, description="A running job silent this long is stale.")
     job_max_attempts: int = Field(2, ge=1, description="Runs of a job, resumes after a dead worker included.")
+    train_nproc: int = Field(1, ge=1, le=64, description="Training processes per extraction job: above 1, "
+                                                         "`poe worker` trains under torchrun (one per GPU).")
     require_worker: bool = Field(False, description="/ready fails while no worker is alive (`poe serve` "
                                                     "sets it when it runs one).")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 
@@ -117,8 +118,8 @@ class RequestTelemetry:
                 if SANE_REQUEST_ID(value):
                     request_id = value.decode()
                 break
-        if request_id is None:
-            request_id = os.urandom(16).hex()
+        if request_id is None:  # an id, not a secret: Mersenne Twister is 10x cheaper than urandom
+            request_id = f"{random.getrandbits(128):032x}"
         header = (b"x-request-id", request_id.encode())
         token = REQUEST_ID.set(request_id)
         status = 500  # unless an answer starts

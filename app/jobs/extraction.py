@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.jobs.admission import resolve_data_path
+from app.jobs.torchrun import train_under_torchrun
 from app.schemas import ExtractionRequest
 from poe_core.data import load_splits
 from poe_core.extract import PHASES, phase_done, run_phase
@@ -27,6 +28,7 @@ class Reporter(Protocol):
     def phase(self, name: str) -> None: ...
     def progress(self, percent: float, update: Progress) -> None: ...
     def line(self, text: str) -> None: ...
+    def check(self) -> None: ...  # raises to stop the job (cancelled, worker stopping)
 
 
 def _copy_phase(source: Path, work: Path, phase: str) -> None:
@@ -39,8 +41,9 @@ def _copy_phase(source: Path, work: Path, phase: str) -> None:
                 shutil.copyfile(source / name, target)
 
 
-def run_extraction(stored: dict, work: Path, roots: Sequence[Path], reporter: Reporter) -> Path:
-    """Run (or resume) the phases of a stored request in `work`; return the pool bundle."""
+def run_extraction(stored: dict, work: Path, roots: Sequence[Path], reporter: Reporter, nproc: int = 1) -> Path:
+    """Run (or resume) the phases of a stored request in `work`; return the pool bundle.
+    With `nproc` > 1 the phases train under torchrun in that many processes."""
     request = ExtractionRequest.model_validate({k: v for k, v in stored.items() if k != "reuse_from"})
     data = request.data
     for path, what in ((data.path, "data path"), (data.hierarchy, "hierarchy")):
@@ -57,15 +60,19 @@ def run_extraction(stored: dict, work: Path, roots: Sequence[Path], reporter: Re
                          val_per_class=data.val_per_class, seed=data.seed)
     plan = request.plan()  # the oracle's file names were resolved when the job was admitted
     trained = [p for p in PHASES if not reuse or p not in reuse["phases"]]
-    for i, phase in enumerate(trained):
-        reporter.phase(phase)
-        if phase_done(work, phase):
-            continue
-        info = run_phase(phase, work, splits, plan,
-                         lambda p, i=i: reporter.progress(95 * (i + p.fraction) / len(trained), p))
-        accs = list(info["val_acc"].values())
-        reporter.line(f"{phase}: finished, validation accuracy {sum(accs) / len(accs):.2%} "
-                      f"({info['seconds']:.0f} s)")
+    todo = [p for p in trained if not phase_done(work, p)]
+    if nproc > 1 and todo:
+        train_under_torchrun(nproc, request, work, todo, trained, reporter)
+    else:
+        for i, phase in enumerate(trained):
+            reporter.phase(phase)
+            if phase_done(work, phase):
+                continue
+            info = run_phase(phase, work, splits, plan,
+                             lambda p, i=i: reporter.progress(95 * (i + p.fraction) / len(trained), p))
+            accs = list(info["val_acc"].values())
+            reporter.line(f"{phase}: finished, validation accuracy {sum(accs) / len(accs):.2%} "
+                          f"({info['seconds']:.0f} s)")
     reporter.phase("pool")
     bundle = work / "pool"
     # build_pool_from_work writes into a temporary ".pool.*" sibling renamed into place:

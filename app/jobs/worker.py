@@ -25,6 +25,7 @@ from app.jobs import queue
 from app.jobs.custom_task import KIND as ADD_TASK
 from app.jobs.custom_task import run_add_task
 from app.jobs.extraction import run_extraction
+from app.logs import JOB_ID
 from app.services import Services
 from app.store.pools import import_pool
 from app.store.tables import Job, PoolVersion
@@ -137,7 +138,11 @@ class Worker:
         job = queue.claim(self.services.db, self.name)
         if job is None:
             return False
-        self.run_job(job)
+        token = JOB_ID.set(job.id)  # every line logged while it runs says which job
+        try:
+            self.run_job(job)
+        finally:
+            JOB_ID.reset(token)
         return True
 
     def run_job(self, job: Job) -> None:
@@ -151,7 +156,8 @@ class Worker:
                     if job.kind == ADD_TASK:
                         bundle, work_dir = self._add_task(job, work, run)
                     else:
-                        bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run)
+                        bundle = run_extraction(job.request, work, self.settings.allowed_data_roots, run,
+                                                nproc=self.settings.train_nproc)
                         work_dir = str(work.resolve())
                     run.check()
                     version = import_pool(db, self.services.blobs, bundle, source=f"job {job.id}",
