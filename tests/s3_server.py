@@ -17,16 +17,11 @@ import time
 import uuid
 
 import pytest
+from service_fixtures import free_port
 
 # moto accepts any credentials; these are what the tests and their `poe` processes use.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "poe-test", "AWS_SECRET_ACCESS_KEY": "poe-test-secret",
           "AWS_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(problem: str):
@@ -42,7 +37,7 @@ def s3_endpoint(tmp_path_factory):
     if server is None:
         _unavailable("no S3 server to test against: moto_server is not installed (pip install 'moto[server]', "
                      "part of the dev extra)")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)

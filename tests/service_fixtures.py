@@ -9,6 +9,7 @@ PostgreSQL those tests are skipped, unless POE_TEST_REQUIRE_POSTGRES=1.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,13 @@ def slow_assembly(monkeypatch, served, seconds=0.2):
         return assemble(*args, **kwargs)
 
     monkeypatch.setattr(served.assembler, "assemble", slow)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (a server started next takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

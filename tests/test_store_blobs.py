@@ -1,8 +1,8 @@
 import os
-import socket
 
 import pytest
 from s3_server import s3_client
+from service_fixtures import free_port
 
 from app.files import file_sha256
 from app.store.blobs import BlobError, BlobStore
@@ -122,11 +122,21 @@ def test_missing_object_is_reported(tmp_path, s3):
 
 
 def test_unreachable_bucket_is_a_blob_error_without_its_address(tmp_path, s3, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
     blobs = _bucket_blobs(tmp_path, s3, "a")
     with pytest.raises(BlobError, match="cannot be fetched from the object store") as e:
         blobs.verify("0" * 64)
     assert str(closed) not in str(e.value)
+
+
+def test_prefetch_caches_what_is_missing_and_leaves_failures_to_verify(tmp_path, s3):
+    a = _bucket_blobs(tmp_path, s3, "a")
+    digests = [a.put_file(_source(tmp_path, bytes([i]) * 100)) for i in range(5)]
+    b = _bucket_blobs(tmp_path, s3, "b")
+    b.prefetch([*digests, "0" * 64])
+    assert all(b.path(d).read_bytes() == bytes([i]) * 100 for i, d in enumerate(digests))
+    assert not b.path("0" * 64).exists() and list(b.tmp.iterdir()) == []
+    with pytest.raises(BlobError, match="missing"):
+        b.verify("0" * 64)
+    BlobStore(tmp_path / "local").prefetch(digests)  # without a bucket: nothing to do

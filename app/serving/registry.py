@@ -244,6 +244,7 @@ class PoolRegistry:
         damaged: dict[str, str] = {}
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
+            self.blobs.prefetch(files.values())  # with a bucket: in parallel, before the checks below
             for rel, sha in files.items():
                 try:
                     self.blobs.link_to(sha, tmp / rel)

@@ -15,6 +15,8 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from app.files import atomic_write, file_sha256
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+PREFETCH = 8  # blobs fetched at once
 
 
 class BlobError(Exception):
@@ -122,6 +125,23 @@ class BlobStore:
             raise BlobError(f"blob {sha256[:12]}... cannot be fetched from the object store "
                             f"({type(e).__name__})") from None
         log.info("blob %s... fetched from the bucket", sha256[:12])
+
+    def prefetch(self, digests: Iterable[str]) -> None:
+        """With a bucket: fetch the blobs this host has not cached, PREFETCH at a time, so
+        a pool version's first load on a replica waits for a few round trips, not one per
+        file. A blob that fails is left for `verify` to report."""
+        if self.bucket is None:
+            return
+        missing = sorted({d for d in digests if not self.path(d).is_file()})
+        if len(missing) > 1:
+            with ThreadPoolExecutor(PREFETCH, thread_name_prefix="blob-fetch") as pool:
+                list(pool.map(self._fetch_or_log, missing))
+
+    def _fetch_or_log(self, sha256: str) -> None:
+        try:
+            self._fetch(sha256)
+        except BlobError as e:
+            log.warning("%s", e)
 
     def verify(self, sha256: str) -> None:
         """Check a blob without holding it in memory (with a bucket: make sure this host's
