@@ -32,7 +32,7 @@ from poe_core.bank import ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, Splits, load_cifar100_npy
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.extract import load_oracle, load_wrn, phase_done
-from poe_core.nets import WideResNet, WRNSpec
+from poe_core.nets import Network, WRNSpec
 from poe_core.oracle import from_module
 from poe_core.train import TrainConfig, train_experts, train_library
 
@@ -80,14 +80,14 @@ def _networks(args, splits: Splits, device: torch.device):
         source = f"oracle of {args.work}"
     else:
         torch.manual_seed(0)
-        module = WideResNet(WRNSpec(16, 4, 4), 100).to(device, memory_format=torch.channels_last)
+        module = Network(WRNSpec(16, 4, 4), 100).to(device, memory_format=torch.channels_last)
         oracle = from_module(module, splits.taxonomy.classes, splits.mean, splits.std, "untrained")
         source = "untrained WRN-16-(4,4) (timing only)"
     if args.work is not None and phase_done(args.work, "library"):
         library = load_wrn(args.work, "library", 100).library
     else:
         torch.manual_seed(1)
-        library = WideResNet(LIBRARY, 100).library
+        library = Network(LIBRARY, 100).library
     return oracle, library, source
 
 

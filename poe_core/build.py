@@ -39,7 +39,7 @@ from poe_core.evaluate import composite_accuracy, task_specific_accuracy
 from poe_core.files import sha256_file
 from poe_core.formats import FORMATS, INT8_METHOD, fp16_model, quantize_int8
 from poe_core.manifest import Manifest, pool_id, width_key
-from poe_core.nets import ExpertHead, Library, WRNSpec, count_flops, count_params
+from poe_core.nets import ArchSpec, ExpertHead, Library, check_continues, count_flops, count_params, spec_from_dict
 from poe_core.pool import LIBRARY_OUTPUT, STUDENT, Pool, PoolError, load_pool, part_key
 from poe_core.taxonomy import Taxonomy
 
@@ -161,7 +161,7 @@ def _write(root: Path, rel: str, data: bytes) -> None:
 
 def build_pool(
     out: str | Path, *, library: Library, experts: Mapping, splits: Splits,
-    library_spec: WRNSpec, expert_spec: WRNSpec, student_head: ExpertHead | None = None,
+    library_spec: ArchSpec, expert_spec: ArchSpec, student_head: ExpertHead | None = None,
     training: dict | None = None, fp16_logits: bool = False, progress: Callable[[str], None] | None = None,
     int8_max_mean_drop: float = INT8_MAX_MEAN_DROP, calibration_images: int = CALIBRATION_IMAGES,
     oracle: KeptOracle | None = None,
@@ -181,6 +181,7 @@ def build_pool(
     say = progress or (lambda _msg: None)
     taxonomy = splits.taxonomy
     shape = list(splits.image_shape)
+    check_continues(library_spec, expert_spec)
     by_width = experts_by_width(experts, expert_spec.ks)
     default = float(expert_spec.ks)
     if default not in by_width:
@@ -482,7 +483,7 @@ def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
     training = {p: phase_info(work, p) for p in ("oracle", "library", "experts") if phase_done(work, p)}
     training |= extra_training or {}
     return build_pool(out, library=student.library, experts=load_expert_widths(work, splits), student_head=student.head,
-                      splits=splits, library_spec=WRNSpec(**training["library"]["architecture"]),
-                      expert_spec=WRNSpec(**training["experts"]["architecture"]), training=training,
+                      splits=splits, library_spec=spec_from_dict(training["library"]["architecture"]),
+                      expert_spec=spec_from_dict(training["experts"]["architecture"]), training=training,
                       fp16_logits=fp16_logits, progress=progress, int8_max_mean_drop=int8_max_mean_drop,
                       oracle=keep_oracle(work, splits) if phase_done(work, "oracle") else None)

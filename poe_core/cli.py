@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from poe_core.data import SOURCES, load_splits
-from poe_core.nets import WRNSpec
-from poe_core.recipe import ExtractionPlan
+from poe_core.nets import ArchSpec
+from poe_core.recipe import Architecture, ExtractionPlan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pool of Experts: distil an oracle into a pool, assemble models from it.")
@@ -33,12 +33,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def parse_spec(text: str) -> WRNSpec:
+def parse_spec(text: str) -> ArchSpec:
     try:
-        depth, kc, ks = text.split(",")
-        return WRNSpec(int(depth), float(kc), float(ks))
+        return Architecture.parse(text).spec()
     except ValueError:
-        fail(f"architecture {text!r} is not DEPTH,KC,KS (e.g. 16,4,4)")
+        fail(f"architecture {text!r} is not DEPTH,KC,KS[,STRIDE] (a WRN, e.g. 16,4,4 or 16,4,4,2) "
+             "or mobilenet_v2,SPLIT,KC,KS (e.g. mobilenet_v2,3,1,0.25)")
 
 
 class ProgressBars:
@@ -74,7 +74,7 @@ DEFAULT = ExtractionPlan()
 
 
 def _arch(spec) -> str:
-    return f"{spec.depth},{spec.kc:g},{spec.ks:g}"
+    return Architecture.of(spec).text()
 
 
 @app.command()
@@ -92,9 +92,9 @@ def extract(
     oracle_classes: Annotated[Path | None, typer.Option(help="ONNX oracle: its output classes, a JSON list or one name per line (default: the data set's, in order).")] = None,
     oracle_mean: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation mean as R,G,B (default: the data set's).")] = None,
     oracle_std: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation std as R,G,B (default: the data set's).")] = None,
-    oracle_arch: Annotated[str, typer.Option(help="Oracle WRN as DEPTH,KC,KS.")] = _arch(DEFAULT.oracle_spec),
-    library_arch: Annotated[str, typer.Option(help="Library student WRN as DEPTH,KC,KS.")] = _arch(DEFAULT.library_spec),
-    expert_arch: Annotated[str, typer.Option(help="Expert WRN as DEPTH,KC,KS (KC must match the library).")] = _arch(DEFAULT.expert_spec),
+    oracle_arch: Annotated[str, typer.Option(help="Oracle as DEPTH,KC,KS[,STRIDE] (WRN; STRIDE of conv1, 2 for 64x64 images) or mobilenet_v2,SPLIT,KC,KS.")] = _arch(DEFAULT.oracle_spec),
+    library_arch: Annotated[str, typer.Option(help="Library student, as the oracle (MobileNetV2: its first SPLIT stages are the library).")] = _arch(DEFAULT.library_spec),
+    expert_arch: Annotated[str, typer.Option(help="Expert, as the library, of its family and split (KC must match the library).")] = _arch(DEFAULT.expert_spec),
     expert_widths: Annotated[str | None, typer.Option(help="Head widths KS to train jointly, e.g. 0.25,0.5,1 (default: the expert arch's).")] = None,
     oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = DEFAULT.oracle_with_val,
     bank_views: Annotated[int, typer.Option(help="Augmented views per training image in the oracle's logit bank; 0 runs the oracle on every batch instead.")] = DEFAULT.bank.views,
@@ -128,8 +128,7 @@ def extract(
     if bad:
         fail(f"unknown phase(s) {', '.join(bad)}; phases: {', '.join(PHASES)}")
     def arch(text: str) -> dict:
-        spec = parse_spec(text)
-        return {"depth": spec.depth, "kc": spec.kc, "ks": spec.ks}
+        return parse_spec(text).to_dict()
 
     try:
         options = ExtractionOptions(

@@ -31,7 +31,7 @@ import torch
 from poe_core.bank import CHUNK, LogitBank, ViewRecipe, bank_key, build_bank, build_features
 from poe_core.data import Normalize, Splits, apply_views
 from poe_core.device import machine_summary, pick_device, resolve_precision
-from poe_core.nets import WRNSpec
+from poe_core.nets import spec_from_dict
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle
 from poe_core.pool import Pool, part_key
 from poe_core.recipe import ExtractionPlan, Progress, ProgressFn, TrainConfig
@@ -225,7 +225,7 @@ def add_task(
     bank_seconds = time.perf_counter() - t0
 
     taxonomy = Taxonomy(pool.taxonomy.classes, {**pool.taxonomy.tasks, name: tuple(indices)})
-    expert_spec = WRNSpec(**pool.spec.architecture.expert)
+    expert_spec = spec_from_dict(pool.spec.architecture.expert)
     experts, result = train_experts(pool.library, teacher, dataclasses.replace(splits, taxonomy=taxonomy), [name],
                                     expert_spec, cfg, widths=pool.widths, checkpoint=work / "expert.checkpoint",
                                     progress=progress)

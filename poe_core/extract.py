@@ -31,7 +31,7 @@ from poe_core.checkpoint import remove_checkpoint
 from poe_core.data import Splits
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.files import atomic_write, sha256_file
-from poe_core.nets import ExpertHead, WideResNet, WRNSpec, count_flops, count_params, expert_head
+from poe_core.nets import ArchSpec, ExpertHead, Network, count_flops, count_params, expert_head, spec_from_dict
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle, read_class_list
 from poe_core.recipe import ExternalOracle, ExtractionPlan, Progress, ProgressFn, TrainConfig
 
@@ -66,7 +66,7 @@ def phase_info(work: Path, phase: str) -> dict:
     return json.loads((work / f"{phase}.json").read_text())
 
 
-def _figures(result, cfg: TrainConfig, spec: WRNSpec) -> dict:
+def _figures(result, cfg: TrainConfig, spec: ArchSpec) -> dict:
     return {
         "architecture": spec.to_dict(), "config": cfg.to_dict(), "epochs": result.epochs,
         "precision": resolve_precision(cfg.precision, pick_device(cfg.device).type),
@@ -75,9 +75,9 @@ def _figures(result, cfg: TrainConfig, spec: WRNSpec) -> dict:
     }
 
 
-def load_wrn(work: Path, phase: str, num_classes: int, in_channels: int = 3) -> WideResNet:
+def load_wrn(work: Path, phase: str, num_classes: int, in_channels: int = 3) -> Network:
     info = phase_info(work, phase)
-    model = WideResNet(WRNSpec(**info["architecture"]), num_classes, in_channels)
+    model = Network(spec_from_dict(info["architecture"]), num_classes, in_channels)
     model.load_state_dict(load_file(str(work / f"{phase}.safetensors")))
     return model.eval()
 
@@ -98,7 +98,7 @@ def load_oracle(work: Path, splits: Splits, device: torch.device) -> Oracle:
 def load_expert_widths(work: Path, splits: Splits) -> dict[float, dict[str, ExpertHead]]:
     """Every expert of the work directory: head width ks -> task -> head."""
     info = phase_info(work, "experts")
-    spec = WRNSpec(**info["architecture"])
+    spec = spec_from_dict(info["architecture"])
     state = load_file(str(work / "experts.safetensors"))
     channels = info["library_channels"]
     widths = info.get("widths")
@@ -107,7 +107,7 @@ def load_expert_widths(work: Path, splits: Splits) -> dict[float, dict[str, Expe
         out[ks] = {}
         for t in info["tasks"]:
             prefix = f"{t}@{ks:g}." if widths else f"{t}."
-            head = expert_head(WRNSpec(spec.depth, spec.kc, ks), channels, len(splits.taxonomy.tasks[t]), seed=0)
+            head = expert_head(spec.with_ks(ks), channels, len(splits.taxonomy.tasks[t]), seed=0)
             head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             out[ks][t] = head.eval()
     return out
@@ -242,5 +242,5 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
     return bank, info
 
 
-def _size(model: WideResNet, splits: Splits) -> dict:
+def _size(model: Network, splits: Splits) -> dict:
     return {"params": count_params(model), "flops": count_flops(model.cpu(), splits.image_shape)}

@@ -105,13 +105,18 @@ class Dataset(_Model):
 
 
 class Architecture(_Model):
-    library: dict  # WRNSpec of the library student
-    expert: dict  # WRNSpec at the default width
+    library: dict  # the library student's spec, poe_core.nets (to_dict): family, split point, widths
+    expert: dict  # the experts' spec at the default width (same family; MobileNetV2: same split)
     widths: list[float]  # every expert width (ks) the pool holds
     library_channels: int
     opset: int
     input: str
     library_output: str
+
+    @property
+    def family(self) -> str:
+        """The architecture family (poe_core.nets.FAMILIES); pools of WRNs do not say it."""
+        return self.library.get("family", "wrn")
 
 
 class FormatPolicy(_Model):

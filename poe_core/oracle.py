@@ -66,7 +66,7 @@ def load_poe_oracle(weights: Path, classes: Sequence[str], device: torch.device)
     normalisation)."""
     from safetensors.torch import load_file
 
-    from poe_core.nets import WideResNet, WRNSpec
+    from poe_core.nets import Network, spec_from_dict
 
     info_path = weights.with_suffix(".json")
     if not info_path.is_file():
@@ -75,7 +75,7 @@ def load_poe_oracle(weights: Path, classes: Sequence[str], device: torch.device)
     norm = info.get("normalization")
     if not norm:
         raise OracleError(f"{info_path} does not say the normalisation the oracle was trained with")
-    model = WideResNet(WRNSpec(**info["architecture"]), len(classes))
+    model = Network(spec_from_dict(info["architecture"]), len(classes))
     try:
         model.load_state_dict(load_file(str(weights)))
     except RuntimeError as e:

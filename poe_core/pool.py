@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from poe_core.evaluate import cross_expert_error_share, task_specific_accuracy
 from poe_core.files import sha256_file
 from poe_core.formats import FORMATS, FormatUnavailable, Unavailable, check_format
 from poe_core.manifest import Manifest, ManifestError, Part, parse_manifest, pool_id
-from poe_core.nets import BranchedModel, ExpertHead, Library, WRNSpec
+from poe_core.nets import BranchedModel, spec_from_dict
 from poe_core.query import Query, resolve_query
 from poe_core.reject import RejectRule, fit_reject
 from poe_core.taxonomy import Taxonomy
@@ -220,17 +221,16 @@ class Pool:
     # -- PyTorch twins, for checks and test-split evaluation ------------------------
 
     @cached_property
-    def library(self) -> Library:
-        arch = self.spec.architecture
-        lib = Library(arch.library["depth"], arch.library["kc"], self.image_shape[0])
+    def library(self) -> nn.Module:
+        lib = spec_from_dict(self.spec.architecture.library).library(self.image_shape[0])
         lib.load_state_dict(load_file(str(self.path(self.spec.library.weights))))
         return lib.eval()
 
-    def expert(self, task: str, ks: float | None = None) -> ExpertHead:
+    def expert(self, task: str, ks: float | None = None) -> nn.Module:
         arch = self.spec.architecture
-        spec = WRNSpec(**arch.expert)
+        spec = spec_from_dict(arch.expert)
         ks = spec.ks if ks is None else ks
-        head = ExpertHead(spec.depth, arch.library_channels, ks, len(self.taxonomy.tasks[task]))
+        head = spec.with_ks(ks).head(arch.library_channels, len(self.taxonomy.tasks[task]))
         head.load_state_dict(load_file(str(self.path(self.part(task, ks).weights))))
         return head.eval()
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from poe_core.bank import ViewRecipe
-from poe_core.nets import WRNSpec
+from poe_core.nets import FAMILIES, ArchSpec, MobileNetV2Spec, WRNSpec, check_continues
 
 
 @dataclass
@@ -77,9 +77,9 @@ class ExternalOracle:
 
 @dataclass
 class ExtractionPlan:
-    oracle_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 4, 4))
-    library_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 1, 1))
-    expert_spec: WRNSpec = field(default_factory=lambda: WRNSpec(16, 1, 0.25))
+    oracle_spec: ArchSpec = field(default_factory=lambda: WRNSpec(16, 4, 4))
+    library_spec: ArchSpec = field(default_factory=lambda: WRNSpec(16, 1, 1))
+    expert_spec: ArchSpec = field(default_factory=lambda: WRNSpec(16, 1, 0.25))
     oracle_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, label_smoothing=0.1))
     library_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15))
     expert_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.05))
@@ -105,23 +105,64 @@ class _Strict(BaseModel):
 
 
 class Architecture(_Strict):
-    depth: int = Field(ge=10, le=100, description="6n+4.")
-    kc: float = Field(gt=0, le=16)
-    ks: float = Field(gt=0, le=16)
+    """A network of one family (see poe_core.nets): WRN-depth-(kc, ks) with conv1's
+    stride, or MobileNetV2 split after `split` stages, library width kc, head width ks."""
+
+    family: Literal["wrn", "mobilenet_v2"] = "wrn"
+    depth: int | None = Field(None, ge=10, le=100, description="WRN: 6n+4.")
+    split: int | None = Field(None, ge=1, le=6, description="MobileNetV2: inverted-residual stages in the library "
+                                                            "(the rest, at width ks, are each expert's).")
+    kc: float = Field(gt=0, le=16, description="Library width (WRN: widening factor; MobileNetV2: multiplier).")
+    ks: float = Field(gt=0, le=16, description="Expert head width (as kc).")
+    stride: int = Field(1, ge=1, le=4, description="WRN: stride of conv1 (2 for 64x64 inputs, as for Tiny-ImageNet).")
 
     @field_validator("depth")
     @classmethod
-    def _wrn_depth(cls, depth: int) -> int:
-        if (depth - 4) % 6:
+    def _wrn_depth(cls, depth: int | None) -> int | None:
+        if depth is not None and (depth - 4) % 6:
             raise ValueError("WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...)")
         return depth
 
-    @classmethod
-    def of(cls, spec: WRNSpec) -> Architecture:
-        return cls(depth=spec.depth, kc=spec.kc, ks=spec.ks)
+    @model_validator(mode="after")
+    def _family_fields(self) -> Architecture:
+        if self.family == "wrn" and (self.depth is None or self.split is not None):
+            raise ValueError("a WRN takes depth (and no split)")
+        if self.family == "mobilenet_v2" and (self.split is None or self.depth is not None or self.stride != 1):
+            raise ValueError("a MobileNetV2 takes split (and no depth or stride)")
+        return self
 
-    def spec(self) -> WRNSpec:
-        return WRNSpec(self.depth, self.kc, self.ks)
+    @classmethod
+    def of(cls, spec: ArchSpec) -> Architecture:
+        return cls(**spec.to_dict())
+
+    def spec(self) -> ArchSpec:
+        if self.family == "mobilenet_v2":
+            return MobileNetV2Spec(self.split, self.kc, self.ks)
+        return WRNSpec(self.depth, self.kc, self.ks, self.stride)
+
+    def text(self) -> str:
+        """The `poe extract --*-arch` form: DEPTH,KC,KS[,STRIDE] or mobilenet_v2,SPLIT,KC,KS."""
+        if self.family == "mobilenet_v2":
+            return f"mobilenet_v2,{self.split},{_exact(self.kc)},{_exact(self.ks)}"
+        return f"{self.depth},{_exact(self.kc)},{_exact(self.ks)}" + (f",{self.stride}" if self.stride != 1 else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Architecture:
+        """The inverse of `text`; ValueError (pydantic's ValidationError is one) if malformed."""
+        items = text.split(",")
+        if items[0] in FAMILIES:
+            family, items = items[0], items[1:]
+        else:
+            family = "wrn"
+        names = ("split", "kc", "ks") if family == "mobilenet_v2" else ("depth", "kc", "ks", "stride")
+        if not 3 <= len(items) <= len(names):
+            raise ValueError(f"architecture {text!r} is not DEPTH,KC,KS[,STRIDE] or mobilenet_v2,SPLIT,KC,KS")
+        return cls(family=family, **dict(zip(names, items, strict=False)))
+
+
+def _exact(x: float) -> str:
+    """The shortest text that reads back as x."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
 
 
 # A path the file system can take: no NUL byte.
@@ -185,6 +226,11 @@ class ExtractionOptions(_Strict):
     temperature: float = Field(_DEFAULT.library_cfg.temperature, gt=0)
     alpha: float = Field(_DEFAULT.expert_cfg.alpha, ge=0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _experts_fit_the_library(self) -> ExtractionOptions:
+        check_continues(self.library.arch.spec(), self.experts.arch.spec())
+        return self
 
     @model_validator(mode="after")
     def _onnx_needs_a_bank(self) -> ExtractionOptions:

@@ -37,7 +37,7 @@ from poe_core.data import ImageSet, Normalize, Splits, batches
 from poe_core.device import autocast, pick_device, resolve_precision
 from poe_core.evaluate import accuracy, predict, task_specific_accuracy
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
-from poe_core.nets import BranchedModel, ExpertHead, Library, WideResNet, WRNSpec, expert_head, init_weights
+from poe_core.nets import ArchSpec, BranchedModel, ExpertHead, Library, Network, expert_head, init_weights
 from poe_core.recipe import Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import Taxonomy
 
@@ -208,9 +208,9 @@ def _prepare(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def train_oracle(
-    splits: Splits, spec: WRNSpec, cfg: TrainConfig, *, with_val: bool = False,
+    splits: Splits, spec: ArchSpec, cfg: TrainConfig, *, with_val: bool = False,
     checkpoint: Path | None = None, progress: ProgressFn | None = None,
-) -> tuple[WideResNet, PhaseResult]:
+) -> tuple[Network, PhaseResult]:
     """The oracle from scratch with cross-entropy (optionally label-smoothed).
 
     `with_val` trains it on the validation images too, for a fixed number of epochs and
@@ -218,7 +218,7 @@ def train_oracle(
     are selected on them against the true labels, so nothing the oracle saw leaks into
     a student's selection; the oracle just gets 10% more data for the same recipe."""
     torch.manual_seed(cfg.seed)
-    model = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
+    model = _prepare(Network(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
 
     def step_loss(x, y, _t):
         return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
@@ -242,16 +242,16 @@ def _live(teacher: Teacher, cfg: TrainConfig) -> nn.Module | None:
 
 
 def train_library(
-    teacher: Teacher, splits: Splits, spec: WRNSpec, cfg: TrainConfig, *,
+    teacher: Teacher, splits: Splits, spec: ArchSpec, cfg: TrainConfig, *,
     checkpoint: Path | None = None, progress: ProgressFn | None = None,
-) -> tuple[WideResNet, PhaseResult]:
+) -> tuple[Network, PhaseResult]:
     """A small WRN student by standard KD from the oracle (eq. 1); its conv1..conv3 are
     the library. The oracle's targets come from a logit bank or, given the oracle
     itself, from running it on every batch. Selection by the student's validation top-1."""
     if cfg.kd not in ("kd", "standardized"):
         raise ValueError(f"unknown KD objective {cfg.kd!r}; use kd or standardized")
     torch.manual_seed(cfg.seed)
-    student = _prepare(WideResNet(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
+    student = _prepare(Network(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
     oracle = _live(teacher, cfg)
 
     def step_loss(x, y, t):
@@ -283,7 +283,7 @@ def expert_name(task: str, ks: float) -> str:
 
 
 def train_experts(
-    library: Library, teacher: Teacher, splits: Splits, tasks: Sequence[str], spec: WRNSpec,
+    library: Library, teacher: Teacher, splits: Splits, tasks: Sequence[str], spec: ArchSpec,
     cfg: TrainConfig, *, widths: Sequence[float] | None = None, checkpoint: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
@@ -303,7 +303,7 @@ def train_experts(
 
 def train_heads(
     library: Library, teacher: Teacher, splits: Splits, heads: Mapping[str, HeadTarget],
-    spec: WRNSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
+    spec: ArchSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
     """Heads on the frozen library (weights and BN statistics), distilled from the
@@ -314,7 +314,7 @@ def train_heads(
     library = _freeze(_prepare(library, cfg))
     oracle = _live(teacher, cfg)
     experts = {
-        name: _prepare(expert_head(spec if h.ks is None else WRNSpec(spec.depth, spec.kc, h.ks),
+        name: _prepare(expert_head(spec if h.ks is None else spec.with_ks(h.ks),
                                    library.out_channels, len(h.classes), seed=h.seed), cfg)
         for name, h in heads.items()
     }
@@ -373,7 +373,7 @@ def task_splits(splits: Splits, classes: Sequence[int]) -> Splits:
 
 
 def train_transfer(
-    library: Library, splits: Splits, classes: Sequence[int], spec: WRNSpec, cfg: TrainConfig,
+    library: Library, splits: Splits, classes: Sequence[int], spec: ArchSpec, cfg: TrainConfig,
 ) -> tuple[ExpertHead, PhaseResult]:
     """The Transfer baseline: the same head on the frozen library, cross-entropy on the
     task's own images only."""
@@ -393,13 +393,13 @@ def train_transfer(
 
 
 def train_scratch(
-    splits: Splits, classes: Sequence[int], library_spec: WRNSpec, expert_spec: WRNSpec, cfg: TrainConfig,
+    splits: Splits, classes: Sequence[int], library_spec: ArchSpec, expert_spec: ArchSpec, cfg: TrainConfig,
 ) -> tuple[BranchedModel, PhaseResult]:
     """The Scratch baseline: library + head architecture trained from scratch with
     cross-entropy on the task's own images only."""
     sub = task_splits(splits, classes)
     torch.manual_seed(cfg.seed)
-    library = Library(library_spec.depth, library_spec.kc, sub.image_shape[0])
+    library = library_spec.library(sub.image_shape[0])
     model = BranchedModel(library, [expert_head(expert_spec, library.out_channels, len(classes), cfg.seed)])
     init_weights(model)
     model = _prepare(model, cfg)

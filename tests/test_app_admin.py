@@ -108,9 +108,9 @@ def test_data_paths_inside_the_roots(client, settings):
 def _onnx_classifier(path, classes):
     import torch
 
-    from poe_core.nets import WideResNet, WRNSpec
+    from poe_core.nets import Network, WRNSpec
 
-    torch.onnx.export(WideResNet(WRNSpec(10, 1, 1), classes).eval(), torch.zeros(1, 3, 16, 16), str(path),
+    torch.onnx.export(Network(WRNSpec(10, 1, 1), classes).eval(), torch.zeros(1, 3, 16, 16), str(path),
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
                       dynamo=False)
 

@@ -33,7 +33,10 @@ class _Parsed(Exception):
                     label_smoothing=0.05, temperature=3.5, alpha=0.7, seed=11,
                     data={"source": "image-folder", "path": "/data/images", "hierarchy": "/data/tasks.json",
                           "val_per_class": 7, "seed": 5}),
-], ids=["tiny", "every-option"])
+    tiny_extraction(oracle={"arch": {"depth": 10, "kc": 1, "ks": 1, "stride": 2}},
+                    library={"arch": {"family": "mobilenet_v2", "split": 3, "kc": 0.5, "ks": 1}},
+                    experts={"arch": {"family": "mobilenet_v2", "split": 3, "kc": 0.5, "ks": 0.1}}),
+], ids=["tiny", "every-option", "families"])
 def test_poe_extract_reads_the_arguments_back_as_the_jobs_options(request_body, monkeypatch, tmp_path):
     request = ExtractionRequest.model_validate(request_body)
     seen = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 from app.schemas import ExtractionRequest
 from poe_core.distributed import torchrun_command
 from poe_core.extract import phase_info
-from poe_core.recipe import Architecture, Progress
+from poe_core.recipe import Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ def extract_args(request: ExtractionRequest, work: Path, phases: Sequence[str]) 
     """The `poe extract` arguments that train `phases` of this request in `work`, as the
     worker would in its own process (tests/test_jobs_torchrun.py checks that `poe
     extract` reads them back as the request's options)."""
-    def arch(a: Architecture) -> str:
-        return f"{a.depth},{a.kc!r},{a.ks!r}"
-
     data, o, lib, exp = request.data, request.oracle, request.library, request.experts
     args = ["--work", str(work), "--data", data.source, "--val-per-class", str(data.val_per_class),
             "--split-seed", str(data.seed), "--progress-json"]
@@ -50,7 +47,7 @@ def extract_args(request: ExtractionRequest, work: Path, phases: Sequence[str]) 
         args += ["--hierarchy", data.hierarchy]
     for phase in phases:
         args += ["--phase", phase]
-    args += ["--oracle-arch", arch(o.arch), "--oracle-epochs", str(o.epochs), "--oracle-lr", repr(o.lr),
+    args += ["--oracle-arch", o.arch.text(), "--oracle-epochs", str(o.epochs), "--oracle-lr", repr(o.lr),
              "--oracle-with-val" if o.with_val else "--no-oracle-with-val"]
     if o.file is not None:
         args += ["--oracle", o.file]
@@ -59,9 +56,9 @@ def extract_args(request: ExtractionRequest, work: Path, phases: Sequence[str]) 
     for flag, triple in (("--oracle-mean", o.mean), ("--oracle-std", o.std)):
         if triple is not None:
             args += [flag, ",".join(map(repr, triple))]
-    args += ["--library-arch", arch(lib.arch), "--library-epochs", str(lib.epochs), "--library-lr", repr(lib.lr),
+    args += ["--library-arch", lib.arch.text(), "--library-epochs", str(lib.epochs), "--library-lr", repr(lib.lr),
              "--library-kd", lib.kd,
-             "--expert-arch", arch(exp.arch), "--expert-epochs", str(exp.epochs), "--expert-lr", repr(exp.lr)]
+             "--expert-arch", exp.arch.text(), "--expert-epochs", str(exp.epochs), "--expert-lr", repr(exp.lr)]
     if exp.widths is not None:
         args += ["--expert-widths", ",".join(map(repr, exp.widths))]
     for task in request.tasks or []:
