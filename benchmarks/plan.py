@@ -8,8 +8,10 @@ WRN-16-(1,ks) at ks = 0.25, 0.5, 1.0) with --val-per-class random validation ima
 class, as many as the real split has: the plan's cost grows with the validation images
 of the query's classes and with the number of widths, not with the weights or with the
 tasks outside the query. Prints, per n(Q) = 1..5, the p50/p99 of `poe_core.budget.plan`
-(the accuracy-vs-size front) and of `fit_budget`, and the numbers of candidates and of
-front points.
+(the accuracy-vs-size front), of `fit_budget`, and of what POST /models/plan computes per
+request (`app.api.models.plan_of`: the request's query resolved, the front, every point's
+model id; without HTTP and its answer cache), and the numbers of candidates and of front
+points.
 
 Then, on the shipped CIFAR-100 pool (trained), the "none of these" rule per n(Q): the
 time to fit it, the score chosen, and its validation figures (AUROC in-task vs.
@@ -28,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from app.api.models import plan_of
+from app.schemas import ModelRequest
+from app.serving.registry import ServedPool
 from poe_core.assemble import Assembler
 from poe_core.budget import Budget, candidates, fit_budget, plan
 from poe_core.build import build_pool
@@ -67,13 +72,14 @@ def timed(fn, *args):
 
 def plans(pool, queries: int) -> None:
     asm = Assembler(pool)
+    served = ServedPool(1, None, pool, asm, tuple(pool.tasks))
     rng = random.Random(0)
     print(f"pool {pool.pool_id}: {len(pool.tasks)} experts at widths {pool.widths}, "
           f"{len(pool.val_labels)} validation images")
     print(f"{'n(Q)':>4} {'candidates':>10} {'front':>6} {'plan p50 ms':>12} {'p99':>8} "
-          f"{'budget p50 ms':>14} {'p99':>8}")
+          f"{'budget p50 ms':>14} {'p99':>8} {'POST /models/plan p50 ms':>25} {'p99':>8}")
     for n in range(1, 6):
-        plan_ms, fit_ms, fronts = [], [], []
+        plan_ms, fit_ms, fronts, endpoint_ms = [], [], [], []
         for _ in range(queries):
             q = pool.query(rng.sample(pool.tasks, n))
             front, ms = timed(plan, asm, q)
@@ -82,9 +88,12 @@ def plans(pool, queries: int) -> None:
             budget = Budget(max_params=(front[0].params + front[-1].params) // 2)
             _, ms = timed(fit_budget, asm, q, budget)
             fit_ms.append(ms)
+            _, ms = timed(plan_of, served, ModelRequest(tasks=list(q.tasks)), "params", "")
+            endpoint_ms.append(ms)
         print(f"{n:>4} {len(candidates(asm, q)):>10} {statistics.mean(fronts):>6.1f} "
               f"{statistics.median(plan_ms):>12.2f} {percentile(plan_ms, 0.99):>8.2f} "
-              f"{statistics.median(fit_ms):>14.2f} {percentile(fit_ms, 0.99):>8.2f}")
+              f"{statistics.median(fit_ms):>14.2f} {percentile(fit_ms, 0.99):>8.2f} "
+              f"{statistics.median(endpoint_ms):>25.2f} {percentile(endpoint_ms, 0.99):>8.2f}")
 
 
 def rejects(pool, queries: int) -> None:

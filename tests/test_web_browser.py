@@ -91,6 +91,13 @@ def server(tmp_path_factory, pool):
 
 
 @pytest.fixture(scope="module")
+def wide_server(tmp_path_factory, wide_pool):
+    """The synthetic pool with experts at two widths: a front to plot."""
+    with _serve(tmp_path_factory.mktemp("web-wide"), str(wide_pool.root)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def cifar_server(tmp_path_factory):
     """The shipped CIFAR-100 pool, whose classes the page's sample images are of."""
     with _serve(tmp_path_factory.mktemp("web-cifar"), None) as url:
@@ -117,15 +124,27 @@ def image(tmp_path, synthetic, pool) -> Path:
     return path
 
 
-def _python_top1(model_bytes: bytes, meta: dict, image: Path) -> tuple[str, float]:
+def _python_logits(model_bytes: bytes, meta: dict, image: Path) -> np.ndarray:
     mean = np.array(meta["input"]["mean"], np.float32).reshape(1, 3, 1, 1)
     std = np.array(meta["input"]["std"], np.float32).reshape(1, 3, 1, 1)
     x = np.asarray(Image.open(image).convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 255
-    logits = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(
         None, {"input": ((x - mean) / std).astype(np.float32)})[0][0]
+
+
+def _python_top1(model_bytes: bytes, meta: dict, image: Path) -> tuple[str, float]:
+    logits = _python_logits(model_bytes, meta, image)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     return meta["labels"][int(p.argmax())], float(p.max())
+
+
+def _python_accepts(logits: np.ndarray, rule: dict) -> bool:
+    """The reject rule as poe_core.reject computes it."""
+    top = logits.max()
+    total = np.exp(logits - top).sum()
+    score = 1 / total if rule["score"] == "max_softmax" else top + np.log(total)
+    return bool(score >= rule["threshold"])
 
 
 def _loopback_only(page) -> list[str]:
@@ -143,6 +162,18 @@ def _loopback_only(page) -> list[str]:
     return refused
 
 
+def _open(browser, url: str, width: int, height: int):
+    """The page, its task list loaded, downloads allowed; with the page errors and the
+    refused requests seen, to be checked empty at the end."""
+    page = browser.new_page(accept_downloads=True, viewport={"width": width, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    refused = _loopback_only(page)
+    page.goto(url + "/")
+    page.locator("#tasks .task").first.wait_for()
+    return page, errors, refused
+
+
 def _wait_for_model(page, meta: dict) -> None:
     """Until the page shows the model of all the ticked tasks, not of the first one alone
     (each tick asks for a model; a slow machine answers the first before the second tick)."""
@@ -156,12 +187,7 @@ def _overflowing(page, selector: str) -> list[str]:
 
 
 def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool, tmp_path):
-    page = browser.new_page(accept_downloads=True, viewport={"width": 390, "height": 844})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    refused = _loopback_only(page)
-    page.goto(server + "/")
-    page.locator("#tasks .task").first.wait_for()
+    page, errors, refused = _open(browser, server, 390, 844)
     for empty in ("#figures", "#result", "#samples-box"):  # nothing blank before a choice
         assert page.locator(empty).is_hidden(), empty
     for task in TASKS:
@@ -197,6 +223,76 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
     assert first.get_attribute("data-label") == label
     assert float(first.locator(".p").inner_text().removesuffix(" %")) == pytest.approx(probability * 100, abs=0.011)
     assert page.locator("#top5 li").count() == min(5, len(meta["labels"]))
+    verdict = page.locator("#verdict")
+    accepted = _python_accepts(_python_logits(model_bytes, meta, image), meta["reject"])
+    assert verdict.get_attribute("data-accepted") == str(accepted).lower()
+    assert verdict.inner_text().startswith("One of this model's classes" if accepted else "None of these")
+    # A pool with one expert width: its front is one point, and the page says why.
+    assert page.locator("#plan-box").get_attribute("data-points") == "1"
+    assert "one width" in page.locator("#plan-note").inner_text()
+    assert not errors and not refused
+
+
+def test_none_of_these_below_the_threshold(server, browser):
+    """The page's own verdict function: below the rule's threshold it says "none of these"."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/")
+    page.locator("#tasks .task").first.wait_for()
+    show = "async ([model, outputs]) => (await import('/app.js')).showVerdict(model, outputs)"
+    for rule, outputs, accepted in [
+        ({"score": "max_softmax", "threshold": 0.9}, [0.0, 0.1, 0.2], False),
+        ({"score": "max_softmax", "threshold": 0.9}, [9.0, 0.0, 0.0], True),
+        ({"score": "energy", "threshold": 5.0}, [1.0, 1.0, 1.0], False),  # logsumexp = 1 + log 3
+        ({"score": "energy", "threshold": 5.0}, [6.0, 1.0, 1.0], True),
+    ]:
+        model = {"output": "logits", "reject": rule}
+        assert page.evaluate(show, [model, outputs])["accepted"] is accepted
+        verdict = page.locator("#verdict")
+        assert verdict.get_attribute("data-accepted") == str(accepted).lower()
+        assert verdict.inner_text().startswith("One of" if accepted else "None of these")
+
+
+def test_class_query_plots_its_front_and_the_slider_downloads_a_point(wide_server, browser, tmp_path):
+    page, errors, refused = _open(browser, wide_server, 1280, 900)
+    body = {"classes": ["class2_1", "class0_0"], "options": {"weights": "fp32"}}
+    meta = httpx.post(f"{wide_server}/models", json=body, headers={"Accept": "application/json"}).json()
+    page.locator("#classes").fill("class2_1, class0_0")
+    page.locator(f'#figures[data-id="{meta["id"]}"][aria-busy="false"]').wait_for()
+    assert page.locator("#labels").inner_text() == "class2_1, class0_0"
+    plan = httpx.post(f"{wide_server}/models/plan", json=body).json()
+    page.locator(f'#plan-box[data-points="{len(plan["points"])}"]').wait_for()
+    assert page.locator("#plan-plot circle").count() == len(plan["points"])
+
+    # The page's plot and slider on a front of every choice of widths of the query (real
+    # models: each asked with its widths), so that the slider has points to move over.
+    choices = []
+    for first in (0.25, 0.5):
+        for second in (0.25, 0.5):
+            widths = {"task2": first, "task0": second}
+            point = httpx.post(f"{wide_server}/models", json=body | {"options": {"widths": widths}},
+                               headers={"Accept": "application/json"}).json()
+            choices.append({"widths": widths, "params": point["params"], "bytes": point["bytes"],
+                            "macs": point["flops"], "val_acc": point["val_acc"], "id": point["id"],
+                            "download_url": point["download_url"]})
+    choices.sort(key=lambda p: p["params"])
+    drawn = page.evaluate("async (plan) => (await import('/app.js')).drawPlan(plan)",
+                          {"points": choices, "unavailable": None})
+    assert drawn == len(choices) == page.locator("#plan-plot circle").count()
+    slider = page.locator("#plan-slider")
+    slider.focus()
+    page.keyboard.press("Home")
+    assert page.locator("#plan-box").get_attribute("data-chosen") == "0"
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert page.locator("#plan-box").get_attribute("data-chosen") == "2"
+    assert page.locator("#plan-plot circle.chosen").get_attribute("data-index") == "2"
+    assert f"{choices[2]['params']:,} params" in page.locator("#plan-point").inner_text()
+    with page.expect_download() as download:
+        page.locator("#plan-download").click()
+    saved = tmp_path / "point.onnx"
+    download.value.save_as(saved)
+    assert saved.read_bytes() == httpx.get(urljoin(wide_server, choices[2]["download_url"])).content
+    assert page.locator("#plan-download").get_attribute("data-id") == choices[2]["id"]
     assert not errors and not refused
 
 

@@ -1,6 +1,9 @@
-// The page: pick primitive tasks, see the composite model's figures (POST /models with
-// Accept: application/json), download it, and run it here with onnxruntime-web on the
-// user's image or on one of the CIFAR-100 test images shipped under /samples/.
+// The page: pick primitive tasks and/or classes, see the composite model's figures (POST
+// /models with Accept: application/json) and its accuracy-vs-size front over the experts'
+// widths (POST /models/plan, a plot with a slider that downloads the chosen point), download
+// it, and run it here with onnxruntime-web on the user's image or on one of the CIFAR-100
+// test images shipped under /samples/, saying "none of these" when the model's reject rule
+// refuses the image.
 
 const ORT_URL = "/vendor/ort/ort.wasm.min.mjs";
 const MISSING_ORT = "onnxruntime-web is not installed on this server, so models cannot run in the " +
@@ -8,7 +11,7 @@ const MISSING_ORT = "onnxruntime-web is not installed on this server, so models 
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null,
+  tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null, plan: null,
   truth: null,  // { label, index } of the sample image being run; null for the user's own image
   samples: null,  // /samples/index.json, or null when the server has none
 };
@@ -32,6 +35,18 @@ function selected() {
 
 function weights() {
   return document.querySelector("#weights input:checked").value;
+}
+
+function classes() {
+  return $("classes").value.split(",").map((name) => name.trim()).filter(Boolean);
+}
+
+// The body of POST /models and POST /models/plan for the current choice, or null.
+function queryBody() {
+  const tasks = selected();
+  const names = classes();
+  if (!tasks.length && !names.length) return null;
+  return { ...(tasks.length && { tasks }), ...(names.length && { classes: names }), options: { weights: weights() } };
 }
 
 async function loadTasks() {
@@ -59,6 +74,13 @@ async function loadTasks() {
     fieldset.append(label);
   }
   fieldset.addEventListener("change", refresh);
+  $("class-names").replaceChildren(...pool.tasks.flatMap((task) => task.classes).map((name) => {
+    const option = document.createElement("option");
+    option.value = name;
+    return option;
+  }));
+  $("classes").addEventListener("input", refresh);
+  $("plan-slider").addEventListener("input", (event) => choosePoint(Number(event.target.value)));
   for (const radio of document.querySelectorAll("#weights input")) {
     const format = pool.formats[radio.value];
     if (format && !format.available) {
@@ -91,10 +113,12 @@ function showModel(model) {
   }
   if (!model) {
     showSamples(null);
+    drawPlan(null);
     $("result").hidden = true;
     return;
   }
   figures.dataset.tasks = model.tasks.join("+");
+  figures.dataset.id = model.id;
   $("acc").textContent = percent(model.val_acc);
   $("acc").dataset.value = String(model.val_acc);
   $("params").textContent = count(model.params);
@@ -138,11 +162,12 @@ export function showClassAccuracy(model) {
 }
 
 async function describeModel() {
-  const tasks = selected();
+  const body = queryBody();
   state.request?.abort();
   $("model-error").textContent = "";
-  $("selection").textContent = tasks.length ? `Composite task: ${tasks.join(" + ")}` : "Select at least one task.";
-  if (!tasks.length) {
+  $("selection").textContent = !body ? "Select at least one task or name a class." :
+    "Composite task: " + [...(body.tasks ?? []), ...(body.classes ?? []).map((name) => `class ${name}`)].join(" + ");
+  if (!body) {
     showModel(null);
     return;
   }
@@ -152,7 +177,7 @@ async function describeModel() {
     const response = await fetch("/models", {
       method: "POST", signal: request.signal,
       headers: { "Content-Type": "application/json", "Accept": "application/json" },
-      body: JSON.stringify({ tasks, options: { weights: weights() } }),
+      body: JSON.stringify(body),
     });
     if (!response.ok) {
       showModel(null);
@@ -160,11 +185,99 @@ async function describeModel() {
       return;
     }
     showModel(await response.json());
+    await describePlan(body, request.signal);
   } catch (error) {
     if (error.name !== "AbortError") $("model-error").textContent = `Request failed: ${error.message}`;
   } finally {
     if (state.request === request) $("figures").setAttribute("aria-busy", "false");
   }
+}
+
+// --- The accuracy-vs-size front ---------------------------------------------------------
+
+async function describePlan(body, signal) {
+  const response = await fetch("/models/plan", {
+    method: "POST", signal, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  drawPlan(response.ok ? await response.json() : { points: [], unavailable: await problem(response) });
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+const PLOT = { left: 48, right: 390, top: 14, bottom: 150 };
+
+function svg(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text != null) element.textContent = text;
+  return element;
+}
+
+// The front of POST /models/plan as a plot (x: parameters, y: validation accuracy), one
+// circle per point, and the slider over the points; null hides it. Returns the points drawn.
+export function drawPlan(plan) {
+  state.plan = plan;
+  const box = $("plan-box");
+  const points = plan?.points ?? [];
+  box.hidden = !plan;
+  $("plan-note").textContent = plan?.unavailable ? `One point only: ${plan.unavailable}` : "";
+  const plot = $("plan-plot");
+  if (!points.length) {
+    plot.replaceChildren();
+    box.dataset.points = "0";
+    $("plan-slider").disabled = true;
+    $("plan-download").setAttribute("aria-disabled", "true");
+    $("plan-download").removeAttribute("href");
+    $("plan-point").textContent = "";
+    return 0;
+  }
+  const span = (values) => [Math.min(...values), Math.max(...values)];
+  const [x0, x1] = span(points.map((p) => p.params));
+  const [y0, y1] = span(points.map((p) => p.val_acc));
+  const x = (v) => x1 === x0 ? (PLOT.left + PLOT.right) / 2 : PLOT.left + (v - x0) / (x1 - x0) * (PLOT.right - PLOT.left);
+  const y = (v) => y1 === y0 ? (PLOT.top + PLOT.bottom) / 2 : PLOT.bottom - (v - y0) / (y1 - y0) * (PLOT.bottom - PLOT.top);
+  plot.replaceChildren(
+    svg("line", { class: "axis", x1: PLOT.left - 8, y1: PLOT.bottom + 8, x2: PLOT.right, y2: PLOT.bottom + 8 }),
+    svg("line", { class: "axis", x1: PLOT.left - 8, y1: PLOT.top, x2: PLOT.left - 8, y2: PLOT.bottom + 8 }),
+    svg("text", { x: PLOT.left, y: 176 }, `${count(x0)} params`),
+    svg("text", { x: PLOT.right, y: 176, "text-anchor": "end" }, `${count(x1)}`),
+    svg("text", { x: 2, y: PLOT.bottom + 4 }, percent(y0)),
+    svg("text", { x: 2, y: PLOT.top + 4 }, percent(y1)),
+    svg("polyline", { class: "front", points: points.map((p) => `${x(p.params)},${y(p.val_acc)}`).join(" ") }),
+    ...points.map((p, i) => {
+      const circle = svg("circle", { cx: x(p.params), cy: y(p.val_acc), r: 5, "data-index": i });
+      circle.append(svg("title", {}, pointText(p)));
+      circle.addEventListener("click", () => choosePoint(i));
+      return circle;
+    }),
+  );
+  box.dataset.points = String(points.length);
+  const slider = $("plan-slider");
+  slider.max = String(points.length - 1);
+  slider.disabled = points.length < 2;
+  // Start at the point of the model described above, else at the most accurate one.
+  const current = points.findIndex((p) => p.id === state.model?.id);
+  choosePoint(current >= 0 ? current : points.length - 1);
+  return points.length;
+}
+
+function pointText(point) {
+  const widths = Object.entries(point.widths).map(([task, ks]) => `${task} ${ks}`).join(", ");
+  return `${percent(point.val_acc)} · ${count(point.params)} params · ${size(point.bytes)} · ` +
+    `${count(point.macs)} MACs · widths ${widths}`;
+}
+
+function choosePoint(index) {
+  const point = state.plan.points[index];
+  $("plan-slider").value = String(index);
+  $("plan-box").dataset.chosen = String(index);
+  for (const circle of $("plan-plot").querySelectorAll("circle")) {
+    circle.classList.toggle("chosen", circle.dataset.index === String(index));
+  }
+  $("plan-point").textContent = pointText(point);
+  const link = $("plan-download");
+  link.href = point.download_url;
+  link.dataset.id = point.id;
+  link.setAttribute("aria-disabled", "false");
 }
 
 // --- Try it ----------------------------------------------------------------------------
@@ -236,7 +349,7 @@ async function predict() {
   const list = $("top5");
   $("runtime-error").textContent = "";
   if (!model) {
-    $("run-status").textContent = "Select tasks first: the image runs on the selected model.";
+    $("run-status").textContent = "Select tasks or classes first: the image runs on the selected model.";
     return;
   }
   $("run-status").textContent = "Running…";
@@ -250,8 +363,10 @@ async function predict() {
     const outputs = await runner.run({ [runner.inputNames[0]]: input });
     const elapsed = performance.now() - started;
     if (state.model !== model) return;  // the selection changed meanwhile; its own run follows
-    const best = top5(model, outputs[runner.outputNames[0]].data);
+    const scores = outputs[runner.outputNames[0]].data;
+    const best = top5(model, scores);
     showTruth(model, best[0].label);
+    showVerdict(model, scores);
     list.replaceChildren(...best.map(({ label, p }) => {
       const item = document.createElement("li");
       item.dataset.label = label;
@@ -271,6 +386,43 @@ async function predict() {
     $("run-status").textContent = "";
     $("runtime-error").textContent = `Could not run the model: ${error.message ?? error}`;
   }
+}
+
+// The model's reject rule (metadata `reject`) on one image's outputs: its score, and whether
+// the image is accepted as one of the model's classes (score >= threshold) or is "none of
+// these". null when the rule's score cannot be computed from the outputs (energy from
+// probabilities).
+export function rejectVerdict(model, outputs) {
+  const rule = model.reject;
+  if (!rule) return null;
+  const values = Array.from(outputs);
+  const top = Math.max(...values);
+  let score;
+  if (model.output === "probabilities") {
+    if (rule.score !== "max_softmax") return null;
+    score = top;
+  } else {
+    const total = values.reduce((sum, v) => sum + Math.exp(v - top), 0);
+    score = rule.score === "max_softmax" ? 1 / total : top + Math.log(total);
+  }
+  return { score, accepted: score >= rule.threshold };
+}
+
+export function showVerdict(model, outputs) {
+  const line = $("verdict");
+  const verdict = rejectVerdict(model, outputs);
+  delete line.dataset.accepted;
+  if (!verdict) {
+    line.textContent = "";
+    return null;
+  }
+  line.dataset.accepted = String(verdict.accepted);
+  const name = model.reject.score === "max_softmax" ? "max softmax" : "energy";
+  line.textContent = verdict.accepted
+    ? `One of this model's classes (${name} ${verdict.score.toFixed(3)} ≥ ${model.reject.threshold.toFixed(3)}).`
+    : `None of these: ${name} ${verdict.score.toFixed(3)} is below the threshold ` +
+      `${model.reject.threshold.toFixed(3)}, so the image is likely none of this model's classes.`;
+  return verdict;
 }
 
 function showTruth(model, top1) {
