@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
-from service_fixtures import free_port
+from service_fixtures import free_port, listening
 
 # moto accepts any credentials; these are what the tests and their `poe` processes use.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "poe-test", "AWS_SECRET_ACCESS_KEY": "poe-test-secret",
@@ -41,16 +39,9 @@ def s3_endpoint(tmp_path_factory):
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                _unavailable(f"moto_server did not start on 127.0.0.1:{port}: {log.read_text()[-500:]}")
-            time.sleep(0.1)
+    if not listening(port, proc, timeout=60):
+        proc.kill()
+        _unavailable(f"moto_server did not start on 127.0.0.1:{port}: {log.read_text()[-500:]}")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)

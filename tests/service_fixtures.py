@@ -155,6 +155,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, process: subprocess.Popen, timeout: float) -> bool:
+    """Wait until something accepts connections on 127.0.0.1:`port`; False if `process`
+    exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,13 +11,12 @@ import http.client
 import http.server
 import re
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from service_fixtures import free_port, listening
 
 from app.settings import Settings
 
@@ -26,12 +25,6 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 pytestmark = pytest.mark.skipif(not Path(NGINX).is_file(),
                                 reason="Debian's nginx is not installed (apt-get install nginx; .ci/run does)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_copy(tmp_path: Path, upstream_port: int, listen_port: int) -> Path:
@@ -52,7 +45,7 @@ def _nginx(conf: Path, *args: str) -> list[str]:
 
 
 def test_the_configuration_passes_nginx_t(tmp_path):
-    conf = _local_copy(tmp_path, 8000, _free_port())
+    conf = _local_copy(tmp_path, 8000, free_port())
     run = subprocess.run(_nginx(conf, "-t"), capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert "test is successful" in run.stderr
@@ -89,19 +82,13 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 def proxy(tmp_path):
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port = _free_port()
+    port = free_port()
     conf = _local_copy(tmp_path, upstream.server_address[1], port)
     nginx = subprocess.Popen(_nginx(conf, "-g", "daemon off; master_process off;"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert nginx.poll() is None, nginx.stderr.read().decode()
-            assert time.monotonic() < deadline, "nginx did not listen within 10 s"
-            time.sleep(0.05)
+    if not listening(port, nginx, timeout=10):
+        nginx.kill()
+        pytest.fail(f"nginx did not listen on {port} within 10 s: {nginx.stderr.read().decode()}")
     _Echo.seen = []
     yield port
     nginx.terminate()
