@@ -26,6 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -167,24 +168,26 @@ class Assembler:
         entry change with the widths (the tail names experts by task)."""
         header, tag, _, *graph, meta = self._pieces(q, weights, "logits", None, False)
         fragments = self.fragments(weights)
-        length = [{w: len(fragments[part_key(t, w)]) for w in self.pool.widths} for t in q.tasks]
-
-        def experts(widths) -> int:
-            return sum(length[i][w] for i, w in enumerate(widths))
-
-        other_graph = sum(map(len, graph)) - experts(q.widths)
-        multi = len(self.pool.widths) > 1  # else no poe.widths entry
+        widths = self.pool.widths
+        column = {w: j for j, w in enumerate(widths)}
+        picks = np.array([[column[w] for w in c] for c in choices], dtype=np.int64).reshape(len(choices), len(q.tasks))
+        rows = np.arange(len(q.tasks))[None, :]
+        length = np.array([[len(fragments[part_key(t, w)]) for w in widths] for t in q.tasks], dtype=np.int64)
         # The poe.widths value is JSON: its length changes by the length of each width's number.
-        number = {w: len(json.dumps(w)) for w in self.pool.widths}
-        other_value = len(_widths_json(q.tasks, q.widths).encode()) - sum(number[w] for w in q.widths)
-        other_meta = len(meta) - (_entry_size(WIDTHS_KEY, other_value + sum(number[w] for w in q.widths))
-                                  if multi else 0)
-        out = []
-        for widths in choices:
-            g = other_graph + experts(widths)
-            entry = _entry_size(WIDTHS_KEY, other_value + sum(number[w] for w in widths)) if multi else 0
-            out.append(len(header) + len(tag) + len(_varint(g)) + g + other_meta + entry)
-        return out
+        number = np.array([len(json.dumps(w)) for w in widths], dtype=np.int64)
+        mine = np.array([column[w] for w in q.widths], dtype=np.int64)
+        experts = length[rows, picks].sum(1)
+        graph_bytes = sum(map(len, graph)) - int(length[rows[0], mine].sum()) + experts
+        if len(widths) > 1:  # else no poe.widths entry
+            other_value = len(_widths_json(q.tasks, q.widths).encode()) - int(number[mine].sum())
+            values = other_value + number[picks].sum(1)
+            entry = {v: _entry_size(WIDTHS_KEY, v) for v in np.unique(values).tolist()}
+            other_meta = len(meta) - _entry_size(WIDTHS_KEY, other_value + int(number[mine].sum()))
+            meta_bytes = [other_meta + entry[v] for v in values.tolist()]
+        else:
+            meta_bytes = [len(meta)] * len(choices)
+        fixed = len(header) + len(tag)
+        return [fixed + len(_varint(g)) + g + m for g, m in zip(graph_bytes.tolist(), meta_bytes, strict=True)]
 
     def _pieces(self, q: Query, weights: str, output: str, reject: RejectRule | None,
                 reject_output: bool) -> list[bytes]:
