@@ -230,9 +230,12 @@ class Assembler:
             "poe.labels": json.dumps([pool.taxonomy.classes[c] for c in q.classes]),
             "poe.tasks": json.dumps(list(q.tasks)),
             "poe.task_classes": json.dumps({t: pool.taxonomy.class_names(t) for t in q.tasks}),
+            # A photo pool also says how a photo was made its input (no key for other pools,
+            # whose bytes stay those of before).
             "poe.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "color": "RGB",
                                      "shape": ["batch", *pool.image_shape],
-                                     "scale": "pixel / 255, then (x - mean) / std"}),
+                                     "scale": "pixel / 255, then (x - mean) / std",
+                                     **(pool.spec.dataset.preprocess or {})}),
             "poe.mean": json.dumps(pool.mean),
             "poe.std": json.dumps(pool.std),
             "poe.output": output,

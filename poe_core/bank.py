@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poe_core.data import ImageSet, Normalize, apply_views, random_views
+from poe_core.data import ImageSet, Normalize, apply_views, crop_pad, random_views
 from poe_core.device import autocast
 from poe_core.files import atomic_write
 from poe_core.oracle import Oracle
@@ -47,8 +47,12 @@ CHUNK = 500
 @dataclass(frozen=True)
 class ViewRecipe:
     views: int = 8
-    pad: int = 4
+    pad: int = 4  # crop padding in pixels: `at_size` sets it from the images' size
     seed: int = 0
+
+    def at_size(self, height: int) -> ViewRecipe:
+        """This recipe for images `height` pixels high (the crop padding of poe_core.data.crop_pad)."""
+        return replace(self, pad=crop_pad(height))
 
     def parameters(self, n: int) -> torch.Tensor:
         """(views, n, 3) crop offsets and flips; view 0 is the plain image."""

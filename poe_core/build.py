@@ -250,7 +250,7 @@ def build_pool(
         manifest = Manifest(
             pool_id="", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             dataset={"name": splits.name, "image_shape": shape, "val_images": len(splits.val),
-                     "train_images": len(splits.train)},
+                     "train_images": len(splits.train), "preprocess": splits.preprocess},
             taxonomy=taxonomy.subset(tasks).to_dict(),
             normalization={"mean": list(splits.mean), "std": list(splits.std)},
             architecture={"library": library_spec.to_dict(), "expert": expert_spec.to_dict(), "widths": widths,

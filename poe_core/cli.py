@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from poe_core.data import SOURCES, load_splits
+from poe_core.data import SOURCES, input_options, load_splits
 from poe_core.nets import ArchSpec
 from poe_core.recipe import Architecture, ExtractionPlan
 
@@ -83,7 +83,9 @@ def extract(
     out: Annotated[Path | None, typer.Option(help="Pool directory to write when all phases are done.")] = None,
     data: Annotated[str, typer.Option(help=f"Data source: {', '.join(SOURCES)}.")] = "cifar100-npy",
     data_path: Annotated[Path | None, typer.Option(help="Data directory (or torchvision root).")] = None,
-    hierarchy: Annotated[Path | None, typer.Option(help="Task -> classes JSON for image-folder.")] = None,
+    hierarchy: Annotated[Path | None, typer.Option(help="Task -> classes JSON for image-folder (class names, or WordNet ids with words.txt and wordnet.is_a.txt beside train/).")] = None,
+    image_size: Annotated[int, typer.Option(help="image-folder: the model input's side in pixels (photos are center-cropped to it).")] = 32,
+    resize: Annotated[int | None, typer.Option(help="image-folder: resize each photo's shorter side to this before cropping (default: --image-size).")] = None,
     download: Annotated[bool, typer.Option(help="Let torchvision download CIFAR-100.")] = False,
     val_per_class: Annotated[int, typer.Option(help="Validation images held out per class.")] = 50,
     phase: Annotated[list[str] | None, typer.Option(help="Phase(s) to run: oracle, library, experts. Default: all.")] = None,
@@ -145,7 +147,8 @@ def extract(
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     plan = options.plan()
-    splits = _load(data, data_path, hierarchy, val_per_class, seed if split_seed is None else split_seed, download)
+    splits = _load(data, data_path, hierarchy, val_per_class, seed if split_seed is None else split_seed, download,
+                   size=image_size, resize=resize)
     if tasks:
         _validate_tasks(splits.taxonomy, tasks)
     distributed.init(device)
@@ -204,10 +207,10 @@ def _fmt(val_acc: dict) -> str:
     return f"{sum(values) / len(values):.2%}" + (" (mean over experts)" if len(values) > 1 else "")
 
 
-def _load(data, data_path, hierarchy, val_per_class, seed, download):
+def _load(data, data_path, hierarchy, val_per_class, seed, download, size=32, resize=None):
     try:
         return load_splits(data, data_path, hierarchy=hierarchy, val_per_class=val_per_class,
-                           seed=seed, download=download)
+                           seed=seed, download=download, size=size, resize=resize)
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))
 
@@ -324,7 +327,8 @@ def evaluate(
 
         from poe_core.evaluate import cross_expert_error_share, predict, task_specific_accuracy
 
-        splits = _load(data, data_path, None, 50, 0, False)
+        splits = _load(data, data_path, None, 50, 0, False,
+                       **input_options(loaded.image_shape, loaded.spec.dataset.preprocess))
         if splits.test is None:
             fail(f"data source {data} has no test split")
         test = splits.test.of_classes(loaded.taxonomy.composite_classes(names))
@@ -376,7 +380,8 @@ def add_task(
     from poe_core.extend import add_task as extend
 
     loaded = _pool(pool)
-    splits = _load(data, data_path, hierarchy, val_per_class, split_seed, False)
+    splits = _load(data, data_path, hierarchy, val_per_class, split_seed, False,
+                   **input_options(loaded.image_shape, loaded.spec.dataset.preprocess))
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     cfg = dataclasses.replace(default_config(loaded), precision=precision, device=device, **overrides)
     try:

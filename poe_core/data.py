@@ -3,6 +3,11 @@
 Every source ends up as `Splits`: uint8 image tensors (N, 3, H, W) with int64 labels,
 a train / validation / test split and the taxonomy. Images stay uint8 in memory;
 batches are normalised and augmented as whole-tensor ops on the training device.
+
+The input size is the data set's: 32x32 for CIFAR-100, any size for an ImageFolder,
+whose photos are resized (shorter side) and center-cropped as `Splits.preprocess`
+records; the pool's manifest and every model's `poe.input` repeat it, so a client
+prepares a photo the way the training images were.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poe_core.taxonomy import CIFAR100_CLASSES, Taxonomy, cifar100
+from poe_core.taxonomy import CIFAR100_CLASSES, Taxonomy, cifar100, folder_taxonomy
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -46,6 +51,7 @@ class Splits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
+    preprocess: dict | None = None  # photos: {"resize_shorter_side": R, "center_crop": S}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -71,7 +77,7 @@ def stratified_split(
 
 def _split(
     train: ImageSet, test: ImageSet | None, taxonomy: Taxonomy, val_per_class: int, seed: int,
-    name: str, mean=None, std=None,
+    name: str, mean=None, std=None, preprocess: dict | None = None,
 ) -> Splits:
     """Hold out the validation split; the normalisation is the training images' own
     channel statistics unless given."""
@@ -79,7 +85,7 @@ def _split(
     train, val = train.subset(kept), train.subset(held)
     if mean is None or std is None:
         mean, std = channel_stats(train.x)
-    return Splits(train, val, test, taxonomy, tuple(mean), tuple(std), name)
+    return Splits(train, val, test, taxonomy, tuple(mean), tuple(std), name, preprocess)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -123,34 +129,64 @@ def load_cifar100_torchvision(
     return _split(load(True), load(False), cifar100(), val_per_class, seed, "cifar100")
 
 
-def load_image_folder(
-    root: str | Path, hierarchy: str | Path, size: int = 32, val_per_class: int = 5, seed: int = 0
-) -> Splits:
-    """An ImageFolder tree (root/train/<class>/*, optional root/test/<class>/*) and a
-    hierarchy JSON (task name -> class names). Images are resized to size x size."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_photo(path: Path, size: int, resize: int) -> np.ndarray:
+    """uint8 (3, size, size): the photo resized so its shorter side is `resize`, then
+    center-cropped (the `preprocess` of an ImageFolder's Splits)."""
     from PIL import Image
 
-    taxonomy = Taxonomy.from_json(hierarchy)
+    img = Image.open(path).convert("RGB")
+    scale = resize / min(img.size)
+    img = img.resize((max(resize, round(img.width * scale)), max(resize, round(img.height * scale))),
+                     Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+
+
+def load_image_folder(
+    root: str | Path, hierarchy: str | Path, size: int = 32, val_per_class: int = 5, seed: int = 0,
+    resize: int | None = None,
+) -> Splits:
+    """An ImageFolder tree and a hierarchy JSON (task name -> class names, or WordNet ids:
+    see poe_core.taxonomy.folder_taxonomy). Training images are those under
+    root/train/<class>/ (subfolders too, as Tiny-ImageNet's <wnid>/images/); the test
+    split is root/test/<class>/ or, in the Tiny-ImageNet layout, root/val/images/ labelled
+    by root/val/val_annotations.txt. Photos are resized (shorter side `resize`, default
+    `size`) and center-cropped to size x size."""
+    resize = size if resize is None else resize
+    if not 8 <= size <= resize:
+        raise ValueError(f"image size {size} must be at least 8 and at most the resize {resize}")
     root = Path(root)
-
-    def load(split: str) -> ImageSet | None:
-        if not (root / split).is_dir():
-            return None
-        xs, ys = [], []
-        for label, name in enumerate(taxonomy.classes):
-            folder = root / split / name
-            if not folder.is_dir():
-                raise FileNotFoundError(f"class {name!r} of the hierarchy has no folder {folder}")
-            for f in sorted(folder.iterdir()):
-                img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
-                xs.append(np.asarray(img).transpose(2, 0, 1))
-                ys.append(label)
-        return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
-
-    train = load("train")
-    if train is None:
+    if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root} has no train/ folder")
-    return _split(train, load("test"), taxonomy, val_per_class, seed, root.name)
+    taxonomy, folders = folder_taxonomy(root, hierarchy)
+
+    def photos(labelled: list[tuple[Path, int]]) -> ImageSet:
+        if not labelled:
+            raise FileNotFoundError(f"{root}: no image among the hierarchy's classes")
+        return ImageSet(torch.from_numpy(np.stack([load_photo(f, size, resize) for f, _ in labelled])),
+                        torch.tensor([label for _, label in labelled]))
+
+    def in_folders(split: str) -> list[tuple[Path, int]]:
+        out = []
+        for label, folder in enumerate(folders):
+            path = root / split / folder
+            if not path.is_dir():
+                raise FileNotFoundError(f"class {taxonomy.classes[label]!r} of the hierarchy has no folder {path}")
+            out += [(f, label) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        return out
+
+    annotations = root / "val" / "val_annotations.txt"
+    if annotations.is_file():
+        label_of = {folder: label for label, folder in enumerate(folders)}
+        rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
+        test = photos([(root / "val" / "images" / f, label_of[w]) for f, w in rows if w in label_of])
+    else:
+        test = photos(in_folders("test")) if (root / "test").is_dir() else None
+    return _split(photos(in_folders("train")), test, taxonomy, val_per_class, seed, root.name,
+                  preprocess={"resize_shorter_side": resize, "center_crop": size})
 
 
 def make_synthetic(
@@ -182,9 +218,11 @@ def make_synthetic(
 
 
 def load_splits(source: str, path: str | Path | None = None, *, hierarchy: str | Path | None = None,
-                val_per_class: int = 50, seed: int = 0, download: bool = False) -> Splits:
+                val_per_class: int = 50, seed: int = 0, download: bool = False,
+                size: int = 32, resize: int | None = None) -> Splits:
     """One entry point for the CLI and the service: source is cifar100-npy,
-    cifar100-torchvision, image-folder or synthetic."""
+    cifar100-torchvision, image-folder or synthetic; `size` and `resize` are an
+    image-folder's (see load_image_folder)."""
     if source == "cifar100-npy":
         return load_cifar100_npy(_need(path, source), val_per_class, seed)
     if source == "cifar100-torchvision":
@@ -192,13 +230,19 @@ def load_splits(source: str, path: str | Path | None = None, *, hierarchy: str |
     if source == "image-folder":
         if hierarchy is None:
             raise ValueError("image-folder needs a hierarchy JSON (task name -> class names)")
-        return load_image_folder(_need(path, source), hierarchy, val_per_class=val_per_class, seed=seed)
+        return load_image_folder(_need(path, source), hierarchy, size, val_per_class, seed, resize)
     if source == "synthetic":
         return make_synthetic(seed=seed)
     raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
 
 
 SOURCES = ("cifar100-npy", "cifar100-torchvision", "image-folder", "synthetic")
+
+
+def input_options(image_shape, preprocess: dict | None) -> dict:
+    """The `load_splits` size options that give a pool's input (its manifest's
+    dataset.image_shape and preprocess) again."""
+    return {"size": image_shape[1], "resize": (preprocess or {}).get("resize_shorter_side")}
 
 
 def _need(path, source: str) -> Path:
@@ -216,6 +260,12 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
+
+
+def crop_pad(height: int) -> int:
+    """Zero padding of the random-crop augmentation: the WRN recipe's 4 pixels up to
+    32x32 images, an eighth of the side above (8 at 64x64, 16 at 128x128)."""
+    return max(4, height // 8)
 
 
 def random_views(n: int, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -258,7 +308,7 @@ def batches(
         idx = order[start:start + batch_size]
         x = images.x[idx].to(device, non_blocking=True)
         if augmented:
-            x = augment(x, g)
+            x = augment(x, g, crop_pad(x.shape[-2]))
         x = normalize(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -197,7 +197,7 @@ def add_task(
             raise ExtensionError("an ONNX oracle is read through a logit bank: use at least one view")
         teacher, teacher_info = oracle.module, {"teacher": "live oracle"}
     else:
-        recipe = ViewRecipe(views, seed=cfg.seed)
+        recipe = ViewRecipe(views, seed=cfg.seed).at_size(splits.image_shape[1])
         found = find_bank(pool, oracle, splits, recipe, [work, *bank_dirs], device)
         if found is not None:
             teacher, where = found

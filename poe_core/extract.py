@@ -231,12 +231,12 @@ def _teacher(work: Path, splits: Splits, plan: ExtractionPlan, cfg: TrainConfig,
 
     precision = resolve_precision(cfg.precision, device.type)
     with distributed.main_first():  # rank 0 fills the bank; the others find it complete and read it
-        bank = build_bank(oracle, splits.train, plan.bank, work, device=device, precision=precision,
-                          progress=report("bank"))
+        bank = build_bank(oracle, splits.train, plan.bank.at_size(splits.image_shape[1]), work, device=device,
+                          precision=precision, progress=report("bank"))
         if library is not None and cfg.epochs > plan.bank.views:  # else the features would cost more than they save
             bank = build_features(library.to(device), bank, splits.train, work, device=device, precision=precision,
                                   normalize=Normalize(splits.mean, splits.std, device), progress=report("features"))
-    info = {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(plan.bank)}}
+    info = {"teacher": "logit bank", "bank": {"key": bank.key, **asdict(bank.recipe)}}
     if library is not None:
         info["bank"]["library_features"] = bank.features is not None
     return bank, info

@@ -99,7 +99,10 @@ class Oracle(_Model):
 
 class Dataset(_Model):
     name: str
-    image_shape: list[int]
+    image_shape: list[int]  # the model input (C, H, W)
+    # How a photo becomes that input, for photo data sets (poe_core.data.load_photo):
+    # {"resize_shorter_side": R, "center_crop": S}; None: the images are stored at that size.
+    preprocess: dict | None = None
     val_images: int
     train_images: int
 

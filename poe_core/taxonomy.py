@@ -1,13 +1,16 @@
 """Classes and primitive tasks, and the validation of composite tasks.
 
 A primitive task H_i is a named group of classes; a composite task Q is a list of
-primitive tasks. CIFAR-100's 20 superclasses are the built-in primitive tasks.
+primitive tasks. CIFAR-100's 20 superclasses are the built-in primitive tasks; an
+ImageFolder's come from a hierarchy JSON, of class names or of WordNet ids (the
+Tiny-ImageNet layout, `folder_taxonomy`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,20 +165,88 @@ class Taxonomy:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Taxonomy:
-        try:
-            hierarchy = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read hierarchy JSON {path}: {e}") from e
-        if not isinstance(hierarchy, dict) or not all(
-            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in hierarchy.values()
-        ):
-            raise ValueError(f"{path}: expected an object mapping task name -> list of class names")
-        return cls.from_hierarchy(hierarchy)
+        return cls.from_hierarchy(read_hierarchy(path))
 
     def subset(self, names: Iterable[str]) -> Taxonomy:
         """The same classes with only the named primitive tasks."""
         names = self.validate(names)
         return Taxonomy(self.classes, {n: self.tasks[n] for n in names})
+
+
+def read_hierarchy(path: str | Path) -> dict[str, list[str]]:
+    """A hierarchy JSON: task name -> list of class names (or WordNet ids)."""
+    try:
+        hierarchy = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read hierarchy JSON {path}: {e}") from e
+    if not isinstance(hierarchy, dict) or not all(
+        isinstance(v, list) and all(isinstance(c, str) for c in v) for v in hierarchy.values()
+    ):
+        raise ValueError(f"{path}: expected an object mapping task name -> list of class names")
+    return hierarchy
+
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+def wordnet_taxonomy(groups: Mapping[str, Sequence[str]], wnids: Sequence[str], words: Mapping[str, str],
+                     parents: Mapping[str, Sequence[str]]) -> tuple[Taxonomy, list[str]]:
+    """Primitive tasks from groups of WordNet synsets, and each class's wnid.
+
+    A task lists synsets: a class's own wnid (one of `wnids`, the class folders) or any
+    synset above classes in `parents` (child -> parents, as ImageNet's wordnet.is_a.txt),
+    which stands for every class below it. Classes are numbered in `wnids` order, each
+    task's in that order, and named by the first lemma of `words` (words.txt: wnid ->
+    "lemma, lemma, ..."), with the wnid appended when two classes share a lemma, or by
+    the wnid when `words` lacks it. Classes no task reaches are left out.
+    """
+    def ancestors(wnid: str) -> set[str]:
+        seen, todo = set(), [wnid]
+        while todo:
+            w = todo.pop()
+            if w not in seen:
+                seen.add(w)
+                todo += parents.get(w, ())
+        return seen
+
+    above = {w: ancestors(w) for w in wnids}
+    members = {task: [w for w in wnids if above[w] & set(synsets)] for task, synsets in groups.items()}
+    empty = [t for t, m in members.items() if not m]
+    if empty:
+        raise ValueError(f"task(s) {', '.join(map(repr, empty))} reach no class folder: each synset must be a "
+                         "class's wnid or lie above one in wordnet.is_a.txt")
+    used = [w for w in wnids if any(w in m for m in members.values())]
+    lemma = {w: words.get(w, w).split(",")[0].strip().replace(" ", "_") or w for w in used}
+    shared = {n for n in lemma.values() if list(lemma.values()).count(n) > 1}
+    name = {w: f"{lemma[w]}_{w}" if lemma[w] in shared else lemma[w] for w in used}
+    index = {w: i for i, w in enumerate(used)}
+    taxonomy = Taxonomy(tuple(name[w] for w in used), {t: tuple(index[w] for w in m) for t, m in members.items()})
+    return taxonomy, used
+
+
+def folder_taxonomy(root: str | Path, hierarchy: str | Path) -> tuple[Taxonomy, list[str]]:
+    """The taxonomy of an ImageFolder and each class's folder name under root/train/.
+
+    When the hierarchy JSON lists WordNet ids only, the class folders are wnids and the
+    tasks are read as `wordnet_taxonomy` says, with root/words.txt and
+    root/wordnet.is_a.txt ("parent child" per line) when present; else the JSON's class
+    names are the folder names."""
+    root = Path(root)
+    groups = read_hierarchy(hierarchy)
+    if not all(WNID.match(s) for synsets in groups.values() for s in synsets):
+        taxonomy = Taxonomy.from_hierarchy(groups)
+        return taxonomy, list(taxonomy.classes)
+    wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and WNID.match(d.name))
+    words: dict[str, str] = {}
+    parents: dict[str, list[str]] = {}
+    if (root / "words.txt").is_file():
+        words = dict(line.split("\t", 1) for line in (root / "words.txt").read_text().splitlines() if "\t" in line)
+    if (root / "wordnet.is_a.txt").is_file():
+        for line in (root / "wordnet.is_a.txt").read_text().splitlines():
+            if line.strip():
+                parent, child = line.split()
+                parents.setdefault(child, []).append(parent)
+    return wordnet_taxonomy(groups, wnids, words, parents)
 
 
 def cifar100() -> Taxonomy:

@@ -7,11 +7,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from photo_folders import write_tiny_imagenet
+from PIL import Image
+from typer.testing import CliRunner
 
+from poe_core import cli
 from poe_core.assemble import Assembler
 from poe_core.bank import ViewRecipe
 from poe_core.build import build_pool_from_work, normalised
-from poe_core.data import make_synthetic
+from poe_core.data import crop_pad, input_options, load_image_folder, load_photo, make_synthetic
 from poe_core.extract import run_phase
 from poe_core.nets import (
     MobileNetV2Spec,
@@ -21,8 +25,10 @@ from poe_core.nets import (
     expert_head,
     spec_from_dict,
 )
+from poe_core.pool import load_pool
 from poe_core.recipe import Architecture, ExtractionOptions, ExtractionPlan, TrainConfig
 from poe_core.reject import score
+from poe_core.taxonomy import wordnet_taxonomy
 
 
 def run_onnx(data: bytes, x: np.ndarray) -> list[np.ndarray]:
@@ -159,3 +165,88 @@ def test_mobilenet_v2_pool_answers_class_queries_with_a_reject_output(mobilenet_
     np.testing.assert_allclose(logits, pool.query_logits(q).numpy(), atol=1e-4, rtol=0)
     assert model.labels == ("class1_0", "class1_1", "class0_1")
     np.testing.assert_array_equal(accepted, score(logits, rule.score) >= np.float32(rule.threshold))
+
+
+def test_photos_are_resized_by_their_shorter_side_and_center_cropped(tmp_path):
+    photo = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)  # 60 wide, 40 high
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    expected = np.asarray(Image.fromarray(photo).resize((30, 20), Image.BILINEAR).crop((5, 0, 25, 20)))
+    np.testing.assert_array_equal(load_photo(tmp_path / "p.png", 20, 20), expected.transpose(2, 0, 1))
+    assert load_photo(tmp_path / "p.png", 16, 24).shape == (3, 16, 16)
+
+
+def test_crop_padding_follows_the_input_size():
+    assert [crop_pad(h) for h in (16, 32, 64, 128)] == [4, 4, 8, 16]
+    # 32x32 banks keep their recipe, hence their key.
+    assert ViewRecipe().at_size(32) == ViewRecipe() and ViewRecipe().at_size(64).pad == 8
+
+
+def test_wordnet_groups_build_the_primitive_tasks(tmp_path):
+    groups = write_tiny_imagenet(tmp_path / "tin", per_class=3, test_per_class=1)
+    splits = load_image_folder(tmp_path / "tin", groups, size=64, resize=72, val_per_class=1)
+    taxonomy = splits.taxonomy
+    # Classes in wnid order, named by their first lemma; tasks reached through wordnet.is_a.txt.
+    assert taxonomy.classes == ("brambling", "goldfinch", "Chihuahua", "golden_retriever", "tabby", "lion")
+    assert {t: taxonomy.class_names(t) for t in taxonomy.tasks} == {
+        "canine": ["Chihuahua", "golden_retriever"], "feline": ["tabby", "lion"], "bird": ["brambling", "goldfinch"]}
+    assert splits.image_shape == (3, 64, 64) and splits.preprocess == {"resize_shorter_side": 72, "center_crop": 64}
+    # The test split is Tiny-ImageNet's annotated val/ folder (the synthetic classes in order).
+    assert splits.test.y.tolist() == [2, 3, 4, 5, 0, 1]
+
+
+def test_wordnet_taxonomy_names_shared_lemmas_apart_and_refuses_empty_groups():
+    words = {"n00000001": "crane, bird", "n00000002": "crane, machine"}
+    taxonomy, wnids = wordnet_taxonomy({"birds": ["n00000001"], "both": ["n00000009"]},
+                                       ["n00000001", "n00000002"], words, {"n00000001": ["n00000009"],
+                                                                           "n00000002": ["n00000009"]})
+    assert taxonomy.classes == ("crane_n00000001", "crane_n00000002") and wnids == ["n00000001", "n00000002"]
+    assert taxonomy.tasks == {"birds": (0,), "both": (0, 1)}
+    with pytest.raises(ValueError, match="'fish'.*reach no class folder"):
+        wordnet_taxonomy({"fish": ["n00000003"]}, ["n00000001"], words, {})
+
+
+@pytest.fixture(scope="module")
+def photo_pool(tmp_path_factory):
+    """A WRN pool with stride 2 on 64x64 crops of 80x72 photos in the Tiny-ImageNet layout,
+    extracted by `poe extract` as the README's worked example does (one epoch each)."""
+    root = tmp_path_factory.mktemp("photos")
+    groups = write_tiny_imagenet(root / "tiny-imagenet")
+    args = ["extract", "--work", str(root / "work"), "--out", str(root / "pool"), "--data", "image-folder",
+            "--data-path", str(root / "tiny-imagenet"), "--hierarchy", str(groups), "--image-size", "64",
+            "--resize", "72", "--val-per-class", "2", "--oracle-arch", "10,1,1,2", "--library-arch", "10,0.5,0.5,2",
+            "--expert-arch", "10,0.5,0.25", "--oracle-epochs", "1", "--library-epochs", "1", "--expert-epochs", "1",
+            "--bank-views", "2", "--batch-size", "16", "--precision", "fp32", "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    pool = load_pool(root / "pool")
+    return pool, load_image_folder(root / "tiny-imagenet", groups, **input_options(pool.image_shape,
+                                                                                pool.spec.dataset.preprocess),
+                                   val_per_class=2)
+
+
+def test_photo_pool_records_its_input_and_architecture(photo_pool):
+    pool, splits = photo_pool
+    assert pool.image_shape == [3, 64, 64]
+    assert pool.spec.dataset.preprocess == {"resize_shorter_side": 72, "center_crop": 64}
+    assert pool.spec.architecture.library == {"depth": 10, "kc": 0.5, "ks": 0.5, "stride": 2}
+    assert pool.tasks == ["canine", "feline", "bird"]
+    assert pool.spec.training["library"]["bank"]["pad"] == 8
+    model = Assembler(pool).assemble(["bird"])
+    assert json.loads(metadata(model.data)["poe.input"]) == {
+        "name": "input", "layout": "NCHW", "color": "RGB", "shape": ["batch", 3, 64, 64],
+        "scale": "pixel / 255, then (x - mean) / std", "resize_shorter_side": 72, "center_crop": 64}
+
+
+def test_photo_pool_models_equal_pytorch_and_their_reject_rule(photo_pool):
+    pool, splits = photo_pool
+    x = normalised(splits.val, pool.mean, pool.std)
+    (out,) = run_onnx(Assembler(pool).assemble(["feline", "canine"]).data, x)
+    with torch.no_grad():
+        expected = pool.branched_model(["feline", "canine"])(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+    q = pool.query(["bird"], ["lion"])
+    rule = pool.reject_rule(q)
+    logits, accepted = run_onnx(Assembler(pool).assemble(q, reject=rule, reject_output=True).data, x)
+    np.testing.assert_allclose(logits, pool.query_logits(q).numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(accepted, score(logits, rule.score) >= np.float32(rule.threshold))
+    assert accepted[np.isin(splits.val.y.numpy(), q.classes)].mean() >= rule.accept_rate_in_task - 1e-6

@@ -45,7 +45,7 @@ def test_poe_extract_reads_the_arguments_back_as_the_jobs_options(request_body, 
         seen["options"] = options
         raise _Parsed
 
-    def load(data, data_path, hierarchy, val_per_class, seed, download):
+    def load(data, data_path, hierarchy, val_per_class, seed, download, **size):
         seen["data"] = (data, data_path and str(data_path), hierarchy and str(hierarchy), val_per_class, seed)
         raise _Parsed
 

@@ -1,0 +1,48 @@
+"""A tiny data set in the Tiny-ImageNet layout, written as photos for the ImageFolder source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from poe_core.data import make_synthetic
+
+# Three WordNet groups of two classes each: the groups name synsets above the classes.
+SYNSETS = {"canine": ("n02083346", ["n02085620", "n02099601"]),
+           "feline": ("n02120997", ["n02123045", "n02129165"]),
+           "bird": ("n01503061", ["n01530575", "n01531178"])}
+WORDS = {"n02085620": "Chihuahua", "n02099601": "golden retriever", "n02123045": "tabby, tabby cat",
+         "n02129165": "lion, king of beasts", "n01530575": "brambling", "n01531178": "goldfinch",
+         "n02083346": "canine, canid", "n02120997": "feline, felid", "n01503061": "bird"}
+
+
+def write_tiny_imagenet(root: Path, width: int = 80, height: int = 72, per_class: int = 8, test_per_class: int = 2):
+    """root/train/<wnid>/images/<wnid>_<i>.JPEG (+ the boxes file Tiny-ImageNet has),
+    root/val/images/ + val_annotations.txt, words.txt, wordnet.is_a.txt; and the groups
+    JSON beside root. Photos are the synthetic data set's patterns, `width` x `height`."""
+    splits = make_synthetic(tasks=3, classes_per_task=2, per_class=per_class, size=max(width, height),
+                            test_per_class=test_per_class, val_per_class=1)
+    wnids = [w for _, leaves in SYNSETS.values() for w in leaves]
+
+    def save(x, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()[:height, :width]).save(path, format="JPEG", quality=95)
+
+    for images in (splits.train, splits.val):
+        for i, (x, y) in enumerate(zip(images.x, images.y.tolist(), strict=True)):
+            save(x, root / "train" / wnids[y] / "images" / f"{wnids[y]}_{images is splits.val}{i}.JPEG")
+    for w in wnids:
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+    rows = []
+    for i, (x, y) in enumerate(zip(splits.test.x, splits.test.y.tolist(), strict=True)):
+        save(x, root / "val" / "images" / f"val_{i}.JPEG")
+        rows.append(f"val_{i}.JPEG\t{wnids[y]}\t0\t0\t{width}\t{height}")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\t{name}\n" for w, name in WORDS.items()))
+    (root / "wordnet.is_a.txt").write_text("".join(f"{group} {leaf}\n" for group, leaves in SYNSETS.values()
+                                                   for leaf in leaves))
+    groups = root.parent / "groups.json"
+    groups.write_text(json.dumps({task: [synset] for task, (synset, _) in SYNSETS.items()}))
+    return groups
