@@ -188,13 +188,19 @@ def tiny_extraction(oracle_epochs: int = 2, **overrides) -> dict:
             "tasks": ["task0", "task1"], "batch_size": 16, "precision": "fp32", "device": "cpu"} | overrides
 
 
+def store_with(databases: Databases, data_dir: Path, bundle: Path, **overrides) -> tuple[Settings, int]:
+    """Settings of a new store in which the pool bundle is imported and active, and its version."""
+    settings = make_settings(databases, data_dir, **overrides)
+    services = Services.start(settings)
+    version = import_pool(services.db, services.blobs, bundle, source="test", activate=True)
+    services.close()
+    return settings, version
+
+
 @pytest.fixture
 def fresh(databases, tmp_path, pool):
     """A store of its own with the synthetic pool active, and an API client on it."""
-    settings = make_settings(databases, tmp_path / "data")
-    services = Services.start(settings)
-    version = import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
-    services.close()
+    settings, version = store_with(databases, tmp_path / "data", pool.root)
     with TestClient(create_app(settings)) as c:
         yield settings, c, version
 

@@ -116,7 +116,8 @@ def test_every_id_resolves_after_a_restart_with_the_same_bytes(fresh, tmp_path):
             again = replica.get(f"/models/{r.headers['x-model-id']}/download")
             assert again.status_code == 200
             assert again.content == r.content and again.headers["etag"] == r.headers["etag"]
-            assert replica.get(f"/models/{r.headers['x-model-id']}").json()["sha256"] == hashlib.sha256(r.content).hexdigest()
+            meta = replica.get(f"/models/{r.headers['x-model-id']}").json()
+            assert meta["sha256"] == hashlib.sha256(r.content).hexdigest()
     assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*") if p.is_file()) == files
 
 

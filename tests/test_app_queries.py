@@ -12,11 +12,10 @@ import onnxruntime as ort
 import pytest
 from conftest import WIDTHS
 from fastapi.testclient import TestClient
-from service_fixtures import make_settings
+from service_fixtures import make_settings, store_with
 
 from app.main import create_app
-from app.services import Services
-from app.store.pools import import_pool, shipped_pool
+from app.store.pools import shipped_pool
 
 JSON = {"Accept": "application/json"}
 
@@ -24,10 +23,7 @@ JSON = {"Accept": "application/json"}
 @pytest.fixture(scope="module")
 def wide(databases, tmp_path_factory, wide_pool):
     """A store with the two-width synthetic pool active, and an API client on it."""
-    settings = make_settings(databases, tmp_path_factory.mktemp("wide-store"))
-    services = Services.start(settings)
-    import_pool(services.db, services.blobs, wide_pool.root, source="test", activate=True)
-    services.close()
+    settings, _ = store_with(databases, tmp_path_factory.mktemp("wide-store"), wide_pool.root)
     with TestClient(create_app(settings)) as client:
         yield settings, client
 
@@ -170,7 +166,8 @@ def test_plan_points_are_what_their_files_do(wide, val, wide_pool):
     assert plan["labels"] == ["class1_0", "class1_1", "class0_1", "class2_0"]
     points = plan["points"]
     assert len(points) >= 1
-    assert all(a["params"] < b["params"] and a["val_acc"] < b["val_acc"] for a, b in zip(points, points[1:], strict=False))
+    pairs = zip(points, points[1:], strict=False)
+    assert all(a["params"] < b["params"] and a["val_acc"] < b["val_acc"] for a, b in pairs)
     for point in points:
         assert list(point["widths"]) == plan["tasks"] and set(point["widths"].values()) <= set(WIDTHS)
         meta = client.get(f"/models/{point['id']}").json()

@@ -13,21 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
-from service_fixtures import ADMIN, make_settings
+from service_fixtures import ADMIN, store_with
 
 from app.main import create_app
-from app.services import Services
-from app.store.pools import import_pool
 
 EXAMPLES = 20  # per operation and mode
 
 
 @pytest.fixture(scope="module")
 def api_schema(databases, tmp_path_factory, pool):
-    config = make_settings(databases, tmp_path_factory.mktemp("schema"))
-    services = Services.start(config)
-    import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
-    services.close()
+    config, _ = store_with(databases, tmp_path_factory.mktemp("schema"), pool.root)
     with TestClient(create_app(config)) as client:  # runs the lifespan: services up
         yield schemathesis.openapi.from_asgi("/openapi.json", client.app)
 
