@@ -1,20 +1,15 @@
 """`poe serve`: the one command of the embedded default, as a real process."""
 
 import glob
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import httpx
-from service_fixtures import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixtures import free_port, wait_for
 
 
 def _children(pid: int) -> list[int]:
@@ -46,7 +41,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_serve_starts_api_and_a_supervised_worker_with_the_default_pool(tmp_path, pool):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POE_")}
     env |= {"POE_DATA_DIR": str(tmp_path / "var"), "POE_DEFAULT_POOL": str(pool.root), "POE_PORT": str(port),
             "OMP_NUM_THREADS": "1", "POE_HEARTBEAT_SECONDS": "0.5", "POE_STALE_SECONDS": "3",
@@ -64,10 +59,21 @@ def test_serve_starts_api_and_a_supervised_worker_with_the_default_pool(tmp_path
             return False
 
     try:
-        wait_for(ready, timeout=90, interval=0.2, what="poe serve to be ready (API and worker)")
+        # Three processes importing torch at once: well over a minute on a 2-core machine that also trains.
+        wait_for(ready, timeout=180, interval=0.2, what="poe serve to be ready (API and worker)")
         assert httpx.get(f"{base}/ready").json()["workers"] == 1
         assert httpx.get(f"{base}/tasks").json()["pool_id"] == pool.pool_id
         assert httpx.post(f"{base}/models", json={"tasks": ["task0"]}).status_code == 200
+        # A connection each: the kernel spreads them over both API processes, and /metrics,
+        # whichever answers, counts them all.
+        for i in range(12):
+            r = httpx.post(f"{base}/models", json={"tasks": ["task1"]}, headers={"X-Request-ID": f"serve-{i}"})
+            assert r.headers["x-request-id"] == f"serve-{i}"
+        for _ in range(3):
+            [posts] = [s.value for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+                       for s in f.samples if s.name == "poe_http_request_duration_seconds_count"
+                       and s.labels == {"method": "POST", "route": "/models", "status": "200"}]
+            assert posts == 13
         token = (tmp_path / "var" / "admin-token").read_text().strip()
         jobs = httpx.get(f"{base}/admin/jobs", headers={"Authorization": f"Bearer {token}"})
         assert jobs.status_code == 200
@@ -85,3 +91,9 @@ def test_serve_starts_api_and_a_supervised_worker_with_the_default_pool(tmp_path
     text = (tmp_path / "serve.log").read_text()
     assert "admin token" in text and "with 2 API process(es)" in text
     assert f"worker process {first} exited" in text
+    logged = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    access = [line for line in logged if line.get("request_id", "").startswith("serve-")]
+    assert sorted(line["request_id"] for line in access) == sorted(f"serve-{i}" for i in range(12))
+    assert all(line["method"] == "POST" and line["path"] == "/models" and line["status"] == 200
+               and line["duration_ms"] > 0 for line in access)
+    assert any(line["logger"] == "app.jobs.worker" and "polling" in line["message"] for line in logged)
