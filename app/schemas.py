@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -88,11 +89,26 @@ class ModelRequest(Strict):
 
 
 class InputSpec(BaseModel):
+    """What the model takes and how a photo becomes it (the model's poe.input and
+    poe.mean/poe.std say the same)."""
+
     name: str = "input"
     shape: list[int | str] = Field(description="NCHW, batch dimension dynamic.")
     mean: list[float]
     std: list[float]
     scale: str = "pixel / 255, then (x - mean) / std, RGB"
+    resize_shorter_side: int | None = Field(
+        None, description="Resize the photo (bilinear) so its shorter side has this many pixels, then cut the "
+                          "central center_crop x center_crop; null: the pool's images were stored at the input "
+                          "size (resize the shorter side to the input's side and center-crop).")
+    center_crop: int | None = Field(None, description="Side of the central square cut after the resize; "
+                                                      "null with resize_shorter_side.")
+
+    @classmethod
+    def of(cls, image_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+           preprocess: dict | None) -> InputSpec:
+        """From a pool's dataset.image_shape, normalisation and dataset.preprocess."""
+        return cls(shape=["batch", *image_shape], mean=list(mean), std=list(std), **(preprocess or {}))
 
 
 class RejectOut(BaseModel):
@@ -184,6 +200,7 @@ class FormatOut(BaseModel):
 class TaskList(BaseModel):
     pool_version: int
     pool_id: str
+    input: InputSpec = Field(description="The input of every model of this pool, and how a photo becomes it.")
     library: dict = Field(description="The shared library: params, flops, onnx_bytes.")
     formats: dict[str, FormatOut] = Field(description="The weight formats this pool offers.")
     tasks: list[TaskOut]
@@ -213,6 +230,10 @@ class DataOptions(Strict):
     val_per_class: int = Field(50, ge=1, le=10000)
     seed: int = 0
 
+    def load_options(self) -> dict:
+        """The size options of poe_core.data.load_splits for this source."""
+        return {}
+
 
 class SyntheticData(DataOptions):
     source: Literal["synthetic"]
@@ -226,10 +247,31 @@ class FileData(DataOptions):
     hierarchy: DataPath | None = Field(None, description="Ignored by this source.")
 
 
+DEFAULT_IMAGE_SIZE = 32  # poe extract's --image-size
+
+
 class ImageFolderData(DataOptions):
     source: Literal["image-folder"]
     path: DataPath = Field(description="Data directory (train/<class>/*) under one of POE_DATA_ROOTS.")
     hierarchy: DataPath = Field(description="Task -> class names JSON, under one of POE_DATA_ROOTS.")
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description="The model input's side in pixels: photos are center-cropped to it "
+                                         "(poe extract --image-size). Default: 32 for an extraction, the active "
+                                         "pool's for a custom task.")
+    resize: int | None = Field(
+        None, ge=8, le=4096, description="Resize each photo's shorter side to this before cropping, at least "
+                                         "image_size (poe extract --resize). Default: image_size for an "
+                                         "extraction, the active pool's for a custom task.")
+
+    @model_validator(mode="after")
+    def _crop_within_resize(self) -> ImageFolderData:
+        if self.resize is not None and self.image_size is not None and self.resize < self.image_size:
+            raise ValueError(f"resize {self.resize} is smaller than the image size {self.image_size}: "
+                             "the crop must fit in the resized photo")
+        return self
+
+    def load_options(self) -> dict:
+        return {"size": self.image_size or DEFAULT_IMAGE_SIZE, "resize": self.resize}
 
 
 # Each source with the fields it needs, so what the schema allows is what is accepted.

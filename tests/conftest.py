@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from photo_folders import untrained_photo_pool
 
 from poe_core.data import Splits, make_synthetic
 from poe_core.extract import ExtractionPlan, run_phase
@@ -59,6 +60,13 @@ def wide_pool(tmp_path_factory, work_dir, synthetic) -> Pool:
         (work / name).unlink()
     run_phase("experts", work, synthetic, dataclasses.replace(tiny_plan(epochs=2), expert_widths=WIDTHS))
     return build_pool_from_work(work, work.parent / "pool", synthetic)
+
+
+@pytest.fixture(scope="session")
+def photo_pool_64(tmp_path_factory) -> tuple[Pool, Splits]:
+    """An untrained 64x64 pool (WRN, conv1 stride 2) over photos resized to 72 and
+    center-cropped, and its splits (tests/photo_folders.py)."""
+    return untrained_photo_pool(tmp_path_factory.mktemp("photo-pool-64"))
 
 
 # The service's fixtures (store, API client, worker processes) and the S3 server live in

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from poe_core.data import make_synthetic
+from poe_core.build import build_pool
+from poe_core.data import load_image_folder, make_synthetic
+from poe_core.nets import WRNSpec, expert_head
 
 # Three WordNet groups of two classes each: the groups name synsets above the classes.
 SYNSETS = {"canine": ("n02083346", ["n02085620", "n02099601"]),
@@ -46,3 +48,18 @@ def write_tiny_imagenet(root: Path, width: int = 80, height: int = 72, per_class
     groups = root.parent / "groups.json"
     groups.write_text(json.dumps({task: [synset] for task, (synset, _) in SYNSETS.items()}))
     return groups
+
+
+def untrained_photo_pool(root: Path, size: int = 64, resize: int = 72):
+    """A pool of untrained WRNs with stride 2 (the Tiny-ImageNet setting) over the photos
+    of write_tiny_imagenet, cropped to `size` from a shorter side of `resize`: built in
+    seconds, for what serves and runs a model (its figures are meaningless)."""
+    groups = write_tiny_imagenet(root / "tiny-imagenet")
+    splits = load_image_folder(root / "tiny-imagenet", groups, size=size, resize=resize, val_per_class=2)
+    library_spec, expert_spec = WRNSpec(10, 0.5, 0.5, stride=2), WRNSpec(10, 0.5, 0.25)
+    library = library_spec.library()
+    experts = {t: expert_head(expert_spec, library.out_channels, len(splits.taxonomy.class_names(t)), seed=i)
+               for i, t in enumerate(splits.taxonomy.task_names)}
+    # Random weights: int8's accuracy drop means nothing here, so it is not refused.
+    return build_pool(root / "pool", library=library, experts=experts, splits=splits, library_spec=library_spec,
+                      expert_spec=expert_spec, int8_max_mean_drop=1.0, calibration_images=16), splits

@@ -32,7 +32,7 @@ class _Parsed(Exception):
                     bank_views=3, batch_size=64, schedule="cosine", precision="bf16", device="cuda:1",
                     label_smoothing=0.05, temperature=3.5, alpha=0.7, seed=11,
                     data={"source": "image-folder", "path": "/data/images", "hierarchy": "/data/tasks.json",
-                          "val_per_class": 7, "seed": 5}),
+                          "val_per_class": 7, "seed": 5, "image_size": 64, "resize": 72}),
     tiny_extraction(oracle={"arch": {"depth": 10, "kc": 1, "ks": 1, "stride": 2}},
                     library={"arch": {"family": "mobilenet_v2", "split": 3, "kc": 0.5, "ks": 1}},
                     experts={"arch": {"family": "mobilenet_v2", "split": 3, "kc": 0.5, "ks": 0.1}}),
@@ -47,6 +47,7 @@ def test_poe_extract_reads_the_arguments_back_as_the_jobs_options(request_body, 
 
     def load(data, data_path, hierarchy, val_per_class, seed, download, **size):
         seen["data"] = (data, data_path and str(data_path), hierarchy and str(hierarchy), val_per_class, seed)
+        seen["size"] = size
         raise _Parsed
 
     monkeypatch.setattr(ExtractionOptions, "plan", stop)
@@ -60,6 +61,7 @@ def test_poe_extract_reads_the_arguments_back_as_the_jobs_options(request_body, 
     assert isinstance(result.exception, _Parsed), result.output
     d = request.data
     assert seen["data"] == (d.source, d.path, d.hierarchy, d.val_per_class, d.seed)
+    assert seen["size"] == (d.load_options() or {"size": 32, "resize": None})
     assert args[args.index("--phase") + 1] == "library" and args.count("--phase") == 2
     assert "--progress-json" in args
 

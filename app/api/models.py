@@ -94,7 +94,8 @@ def model_out(model: ServedModel, base_url: str) -> ModelOut:
         val_acc_by_format=info.val_acc_by_format, val_acc_by_class=info.val_acc_by_class,
         reject=RejectOut(**info.reject.to_dict()), reject_output=info.reject_output,
         mask=None if info.mask is None else MaskOut(**info.mask),
-        input=InputSpec(shape=["batch", *info.image_shape], **info.normalization), created_at=info.created_at,
+        input=InputSpec.of(info.image_shape, info.normalization["mean"], info.normalization["std"], info.preprocess),
+        created_at=info.created_at,
         download_url=_download_url(base_url, info.id, info.format),
     )
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from app.deps import ServedPoolDep
 from app.errors import NotFound
-from app.schemas import Error, FormatOut, TaskList, TaskOut
+from app.schemas import Error, FormatOut, InputSpec, TaskList, TaskOut
 from poe_core.formats import FORMATS
 from poe_core.pool import Pool
 
@@ -27,6 +27,7 @@ async def list_tasks(served: ServedPoolDep) -> TaskList:
     pool = served.pool
     library = pool.manifest["library"]
     return TaskList(pool_version=served.version, pool_id=served.pool_id,
+                    input=InputSpec.of(pool.image_shape, pool.mean, pool.std, pool.spec.dataset.preprocess),
                     library={k: library[k] for k in ("params", "flops", "onnx_bytes")},
                     formats={w: FormatOut(**{k: v for k, v in pool.format_info(w).items()
                                              if k in FormatOut.model_fields}) for w in FORMATS},

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import Session
 
-from app.schemas import ExtractionRequest
+from app.schemas import DEFAULT_IMAGE_SIZE, ExtractionRequest
 from app.store.pools import active_version
 from app.store.tables import PoolVersion
 from poe_core.data import make_synthetic
 from poe_core.extract import phase_done
 from poe_core.oracle import OracleError, load_onnx_oracle, load_poe_oracle, read_class_list
-from poe_core.taxonomy import Taxonomy, cifar100
+from poe_core.taxonomy import Taxonomy, cifar100, folder_taxonomy
 
 REUSED_PHASES = {"none": (), "oracle": ("oracle",), "library": ("oracle", "library")}
 
@@ -53,8 +53,8 @@ def resolve_data_path(path: str, roots: Sequence[Path], what: str = "data path")
 def _taxonomy(data: dict) -> Taxonomy:
     if data["source"] == "synthetic":
         return make_synthetic(seed=data["seed"]).taxonomy
-    if data["source"] == "image-folder":
-        return Taxonomy.from_json(data["hierarchy"])
+    if data["source"] == "image-folder":  # WordNet groups need the class folders to name the classes
+        return folder_taxonomy(data["path"], data["hierarchy"])[0]
     return cifar100()
 
 
@@ -70,6 +70,11 @@ def prepare(session: Session, request: ExtractionRequest, roots: Sequence[Path])
         data["path"] = str(resolve_data_path(data["path"], roots))
     if data["source"] == "image-folder":
         data["hierarchy"] = str(resolve_data_path(data["hierarchy"], roots, "hierarchy"))
+        data["image_size"] = data["image_size"] or DEFAULT_IMAGE_SIZE
+        data["resize"] = data["resize"] or data["image_size"]
+        if data["resize"] < data["image_size"]:
+            raise ExtractionRejected(f"data: resize {data['resize']} is smaller than the image size "
+                                     f"{data['image_size']}: the crop must fit in the resized photo")
     else:
         data["hierarchy"] = None
     try:
@@ -89,7 +94,9 @@ def prepare(session: Session, request: ExtractionRequest, roots: Sequence[Path])
 def _image_shape(data: dict) -> tuple[int, ...]:
     if data["source"] == "synthetic":
         return make_synthetic(seed=data["seed"]).image_shape
-    return (3, 32, 32)  # CIFAR-100, and image folders at load_image_folder's default size
+    if data["source"] == "image-folder":
+        return (3, data["image_size"], data["image_size"])
+    return (3, 32, 32)  # CIFAR-100
 
 
 def _brought_oracle(oracle: dict, reuse: str, roots: Sequence[Path], taxonomy: Taxonomy,

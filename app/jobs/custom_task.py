@@ -20,6 +20,7 @@ from app.schemas import TaskRequest
 from app.serving.registry import PoolRegistry
 from app.store.tables import Job, PoolVersion
 from poe_core.extend import ExtensionError, check_task
+from poe_core.pool import Pool
 
 KIND = "add-task"
 
@@ -42,6 +43,8 @@ def prepare_task(session: Session, request: TaskRequest, registry: PoolRegistry,
         raise ExtractionRejected(f"the active pool (version {version}): {e}") from None
     body = request.model_dump()
     body["data"] = _data(session, version, body["data"], served.pool.spec.dataset.name, roots)
+    if body["data"]["source"] == "image-folder":
+        _at_the_pools_size(body["data"], served.pool, version)
     try:
         classes = list(_taxonomy(body["data"]).classes)
     except (ValueError, OSError) as e:
@@ -72,6 +75,19 @@ def _data(session: Session, version: int, data: dict | None, dataset: str, roots
     return data
 
 
+def _at_the_pools_size(data: dict, pool: Pool, version: int) -> None:
+    """Photos load at the pool's input size (resize and crop); a request naming another is refused."""
+    pool_size = pool.image_shape[1]
+    pool_resize = (pool.spec.dataset.preprocess or {}).get("resize_shorter_side") or pool_size
+    size = data.get("image_size") or pool_size
+    resize = data.get("resize") or (pool_resize if size == pool_size else size)
+    if (size, resize) != (pool_size, pool_resize):
+        raise ExtractionRejected(f"data: image_size {size} and resize {resize} are not the active pool's "
+                                 f"(version {version}: image_size {pool_size}, resize {pool_resize}); "
+                                 "leave them out to load the photos as the pool was built")
+    data["image_size"], data["resize"] = size, resize
+
+
 def run_add_task(stored: dict, work: Path, registry: PoolRegistry, bank_dirs: Sequence[Path],
                  roots: Sequence[Path], reporter) -> Path:
     """Train the task's expert in `work` and return the extended pool bundle."""
@@ -94,7 +110,7 @@ def run_add_task(stored: dict, work: Path, registry: PoolRegistry, bank_dirs: Se
                   f"{served.version} ({pool.pool_id})")
     reporter.phase("data")
     splits = load_splits(data.source, data.path, hierarchy=data.hierarchy, val_per_class=data.val_per_class,
-                         seed=data.seed)
+                         seed=data.seed, **data.load_options())
     cfg = default_config(pool)
     overrides = {k: getattr(request, k) for k in ("epochs", "lr", "batch_size") if getattr(request, k) is not None}
     cfg = TrainConfig(**(cfg.to_dict() | overrides | {"seed": request.seed, "precision": request.precision,

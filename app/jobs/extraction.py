@@ -57,7 +57,7 @@ def run_extraction(stored: dict, work: Path, roots: Sequence[Path], reporter: Re
         reporter.line(f"reusing {', '.join(reuse['phases'])} of pool version {reuse['pool_version']}")
     reporter.line(f"loading data set {data.source}" + (f" from {data.path}" if data.path else ""))
     splits = load_splits(data.source, data.path, hierarchy=data.hierarchy,
-                         val_per_class=data.val_per_class, seed=data.seed)
+                         val_per_class=data.val_per_class, seed=data.seed, **data.load_options())
     plan = request.plan()  # the oracle's file names were resolved when the job was admitted
     trained = [p for p in PHASES if not reuse or p not in reuse["phases"]]
     todo = [p for p in trained if not phase_done(work, p)]

@@ -45,6 +45,9 @@ def extract_args(request: ExtractionRequest, work: Path, phases: Sequence[str]) 
         args += ["--data-path", data.path]
     if data.hierarchy is not None:
         args += ["--hierarchy", data.hierarchy]
+    sizes = data.load_options()
+    if sizes:
+        args += ["--image-size", str(sizes["size"])] + (["--resize", str(sizes["resize"])] if sizes["resize"] else [])
     for phase in phases:
         args += ["--phase", phase]
     args += ["--oracle-arch", o.arch.text(), "--oracle-epochs", str(o.epochs), "--oracle-lr", repr(o.lr),

@@ -228,6 +228,7 @@ class ModelInfo:
     val_acc_by_class: dict[str, float]
     normalization: dict
     image_shape: list[int]
+    preprocess: dict | None  # the pool's dataset.preprocess: how a photo becomes the input
     created_at: datetime
     method: str
     widths: dict[str, float]
@@ -308,6 +309,7 @@ class ServedModel:
             val_acc=by_format[q.weights], val_acc_by_format=by_format,
             val_acc_by_class=pool.accuracy_by_class(m, q.weights),
             normalization={"mean": pool.mean, "std": pool.std}, image_shape=pool.image_shape,
+            preprocess=pool.spec.dataset.preprocess,
             # The model exists, as a function, since its pool version does.
             created_at=self.served.created_at,
             method=m.method, widths=dict(zip(m.tasks, m.widths, strict=True)) if m.method == "poe" else {},
