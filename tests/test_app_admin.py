@@ -8,6 +8,7 @@ from service_fixtures import ADMIN, make_settings
 from app.main import create_app
 from app.services import admin_token
 from app.settings import Settings
+from poe_core.recipe import Architecture
 
 SYNTHETIC = {"data": {"source": "synthetic"}}
 
@@ -62,7 +63,7 @@ def test_queue_and_cancel_a_job(client):
     assert r.status_code == 202
     job = r.json()
     assert job["status"] == "queued" and job["progress"] == 0 and job["request"]["tasks"] == ["task1"]
-    assert job["request"]["oracle"]["arch"] == {"depth": 16, "kc": 4, "ks": 4}
+    assert Architecture.model_validate(job["request"]["oracle"]["arch"]).text() == "16,4,4"
     assert client.get(f"/admin/jobs/{job['id']}", headers=ADMIN).json()["status"] == "queued"
     assert job["id"] in [j["id"] for j in client.get("/admin/jobs?status=queued", headers=ADMIN).json()]
     cancelled = client.post(f"/admin/jobs/{job['id']}/cancel", headers=ADMIN)
