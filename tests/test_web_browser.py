@@ -1,5 +1,6 @@
 """The page in a real browser: Debian's headless Chromium, driven by Playwright, against a
-live `poe serve` on loopback, with the synthetic pool and with the shipped CIFAR-100 pool.
+live `poe serve` on loopback, with the synthetic pool, a 64x64 pool of photos and the shipped
+CIFAR-100 pool.
 It picks tasks, reads the accuracy, downloads the model and runs it on an image in the
 page with onnxruntime-web; the page's top-1 must be onnxruntime's top-1 in Python for the
 same image. It also opens /docs and /redoc with every request off loopback refused.
@@ -26,6 +27,7 @@ import pytest
 from PIL import Image
 
 from app.web import ORT_DIST, STATIC
+from poe_core.data import load_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -98,6 +100,13 @@ def wide_server(tmp_path_factory, wide_pool):
 
 
 @pytest.fixture(scope="module")
+def photo_server(tmp_path_factory, photo_pool_64):
+    """The untrained 64x64 pool of photos resized to 72 and center-cropped."""
+    with _serve(tmp_path_factory.mktemp("web-photo"), str(photo_pool_64[0].root)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def cifar_server(tmp_path_factory):
     """The shipped CIFAR-100 pool, whose classes the page's sample images are of."""
     with _serve(tmp_path_factory.mktemp("web-cifar"), None) as url:
@@ -114,7 +123,7 @@ def browser():
 
 @pytest.fixture
 def image(tmp_path, synthetic, pool) -> Path:
-    """A validation image of a class of TASKS as a 32x32 PNG: the page draws it without
+    """A validation image of a class of TASKS as a 16x16 PNG: the page draws it without
     resampling, so browser and Python see the same pixels."""
     wanted = {c for t in TASKS for c in pool.taxonomy.composite_classes([t])}
     index = next(i for i, y in enumerate(synthetic.val.y.tolist()) if y in wanted)
@@ -230,6 +239,68 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
     # A pool with one expert width: its front is one point, and the page says why.
     assert page.locator("#plan-box").get_attribute("data-points") == "1"
     assert "one width" in page.locator("#plan-note").inner_text()
+    assert not errors and not refused
+
+
+def _page_run(page, meta: dict, image: Path) -> dict:
+    """Run `image` in the page on the shown model; the page's input tensor and outputs."""
+    page.locator("#image").set_input_files(image)
+    page.locator(f'#top5[data-state="done"][data-model="{meta["id"]}"]').wait_for(timeout=30_000)
+    run = page.evaluate("async () => (await import('/app.js')).lastRun()")
+    page.evaluate("document.getElementById('top5').dataset.state = 'seen'")
+    assert run["model"] == meta["id"] and run["shape"] == [1, *meta["input"]["shape"][1:]]
+    return run
+
+
+def test_the_page_prepares_photos_as_a_64x64_pool_says(photo_server, browser, photo_pool_64, tmp_path):
+    """The page resizes a photo's shorter side to 72 and center-crops 64x64 (the pool's
+    preprocess), normalises it, and its onnxruntime-web outputs are onnxruntime's in Python
+    on that input. A photo already 72 high is only cropped: the page's input is then, to
+    the last bit, Python's load_photo of it."""
+    pool, _ = photo_pool_64
+    page, errors, refused = _open(browser, photo_server, 1280, 900)
+    for task in ("feline", "bird"):
+        page.locator(f'#tasks input[value="{task}"]').check()
+    meta = httpx.post(f"{photo_server}/models", json={"tasks": ["feline", "bird"], "options": {"weights": "fp32"}},
+                      headers={"Accept": "application/json"}).json()
+    assert (meta["input"]["resize_shorter_side"], meta["input"]["center_crop"]) == (72, 64)
+    _wait_for_model(page, meta)
+    session = ort.InferenceSession(httpx.get(urljoin(photo_server, meta["download_url"])).content,
+                                   providers=["CPUExecutionProvider"])
+    # The page computes in float64 (JavaScript numbers) and stores float32.
+    mean = np.array(meta["input"]["mean"], np.float64).reshape(3, 1, 1)
+    std = np.array(meta["input"]["std"], np.float64).reshape(3, 1, 1)
+
+    def prepared(pixels: np.ndarray) -> np.ndarray:
+        return ((pixels / 255 - mean) / std).astype(np.float32)
+
+    photo = sorted((pool.root.parent / "tiny-imagenet" / "val" / "images").iterdir())[0]
+    pixels = np.asarray(Image.open(photo).convert("RGB"))
+    assert pixels.shape == (72, 80, 3)
+    exact = tmp_path / "exact.png"
+    Image.fromarray(pixels).save(exact)
+    # The same photo twice as large: the page resamples it with the browser's filter.
+    large = tmp_path / "large.png"
+    Image.fromarray(pixels).resize((160, 144), Image.BILINEAR).save(large)
+
+    for image, exactly in ((exact, True), (large, False)):
+        run = _page_run(page, meta, image)
+        x = np.array(run["input"], np.float32).reshape(1, 3, 64, 64)
+        expected = prepared(load_photo(image, 64, 72))[None]
+        if exactly:
+            np.testing.assert_array_equal(x, expected)
+        else:
+            # Another filter than PIL's on these noisy pixels, but the same box: closer to
+            # PIL's crop than to that crop one pixel off (about 4 and 12 levels of 255).
+            shifted = prepared(load_photo(image, 64, 72)[:, :, 1:])[None]
+            error = np.abs((x - expected) * std).mean() * 255
+            assert error < 0.5 * np.abs((x[..., :-1] - shifted) * std).mean() * 255, error
+        (logits,) = session.run(None, {"input": x})
+        np.testing.assert_allclose(np.array(run["outputs"], np.float32), logits[0], atol=1e-4, rtol=0)
+        first = page.locator("#top5 li").first
+        assert first.get_attribute("data-label") == meta["labels"][int(logits[0].argmax())]
+    assert page.evaluate("[document.getElementById('preview').width, document.getElementById('preview').height]") \
+        == [64, 64]
     assert not errors and not refused
 
 

@@ -13,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   tasks: [], formats: {}, model: null, request: null, sessions: new Map(), image: null, plan: null,
   truth: null,  // { label, index } of the sample image being run; null for the user's own image
+  lastRun: null,  // { model, shape, input, outputs } of the last image run
   samples: null,  // /samples/index.json, or null when the server has none
 };
 
@@ -309,7 +310,29 @@ async function session(model) {
   return { ort, session: await state.sessions.get(model.id) };
 }
 
-// NCHW float32 input: RGB pixels / 255, then (x - mean) / std, as the model's metadata says.
+// Python's round() (halves to even), with which poe_core.data.load_photo sizes the resized photo.
+const roundHalfEven = (x) => {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 ? r - 1 : r;
+};
+
+// Where a width x height photo lands on the model's input (metadata `input`), as
+// poe_core.data.load_photo makes it: the photo resized (bilinear) so that its shorter side
+// is `resize_shorter_side`, then its central square of the input's size cut out. A pool of
+// images stored at its input size (CIFAR-100) states neither: the shorter side goes to the
+// input's side. Returns the resized size and the crop's top-left corner in it.
+export function photoToInput(input, width, height) {
+  const [, , inputHeight, inputWidth] = input.shape;
+  const resize = input.resize_shorter_side ?? Math.max(inputHeight, inputWidth);
+  const scale = resize / Math.min(width, height);
+  const resized = { width: Math.max(resize, roundHalfEven(width * scale)),
+                    height: Math.max(resize, roundHalfEven(height * scale)) };
+  return { ...resized, left: Math.floor((resized.width - inputWidth) / 2),
+           top: Math.floor((resized.height - inputHeight) / 2) };
+}
+
+// NCHW float32 input: the photo resized and center-cropped as above, RGB pixels / 255, then
+// (x - mean) / std, as the model's metadata says.
 function tensorData(model) {
   const [, channels, height, width] = model.input.shape;
   const canvas = $("preview");
@@ -317,10 +340,10 @@ function tensorData(model) {
   canvas.height = height;
   const context = canvas.getContext("2d", { willReadFrequently: true });
   const image = state.image;
-  const side = Math.min(image.width, image.height);
+  const box = photoToInput(model.input, image.width, image.height);
   context.imageSmoothingEnabled = true;
   context.imageSmoothingQuality = "high";
-  context.drawImage(image, (image.width - side) / 2, (image.height - side) / 2, side, side, 0, 0, width, height);
+  context.drawImage(image, -box.left, -box.top, box.width, box.height);
   const pixels = context.getImageData(0, 0, width, height).data;
   const data = new Float32Array(channels * height * width);
   const { mean, std } = model.input;
@@ -331,6 +354,9 @@ function tensorData(model) {
   }
   return data;
 }
+
+// The input and outputs of the last run, for checking the page against onnxruntime elsewhere.
+export const lastRun = () => state.lastRun;
 
 function top5(model, scores) {
   let probabilities = Array.from(scores);
@@ -358,12 +384,15 @@ async function predict() {
   try {
     const { ort, session: runner } = await session(model);
     const [, channels, height, width] = model.input.shape;
-    const input = new ort.Tensor("float32", tensorData(model), [1, channels, height, width]);
+    const data = tensorData(model);
+    const input = new ort.Tensor("float32", data, [1, channels, height, width]);
     const started = performance.now();
     const outputs = await runner.run({ [runner.inputNames[0]]: input });
     const elapsed = performance.now() - started;
     if (state.model !== model) return;  // the selection changed meanwhile; its own run follows
     const scores = outputs[runner.outputNames[0]].data;
+    state.lastRun = { model: model.id, shape: [1, channels, height, width], input: Array.from(data),
+                      outputs: Array.from(scores) };
     const best = top5(model, scores);
     showTruth(model, best[0].label);
     showVerdict(model, scores);
