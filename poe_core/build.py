@@ -462,7 +462,7 @@ def keep_oracle(work: Path, splits: Splits) -> KeptOracle:
     figures["fp16_changed_predictions"] = changed
     files = {rel: save_safetensors({k: v.contiguous() for k, v in state.items()}),
              f"{ORACLE_DIR}/oracle.json": json.dumps(figures | {"normalization": normalization}, indent=1).encode()}
-    entry = {"weights": rel, "format": "poe-wrn", "classes": list(splits.taxonomy.classes),
+    entry = {"weights": rel, "format": "poe", "classes": list(splits.taxonomy.classes),
              "normalization": normalization, "architecture": info["architecture"], "dtype": dtype}
     return KeptOracle(files, entry)
 

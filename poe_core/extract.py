@@ -137,7 +137,7 @@ def bring_oracle(work: Path, splits: Splits, external: ExternalOracle) -> dict:
     else:
         oracle = load_poe_oracle(path, splits.taxonomy.classes, torch.device("cpu"))
         info = json.loads(path.with_suffix(".json").read_text())
-        info |= {"kind": "poe-wrn", "source": path.name, "sha256": oracle.fingerprint}
+        info |= {"kind": "poe", "source": path.name, "sha256": oracle.fingerprint}
         shutil.copyfile(path, work / "oracle.safetensors")
     _write_info(work, "oracle", info)
     return info
@@ -168,7 +168,7 @@ def run_phase(
         model, result = train.train_oracle(splits, plan.oracle_spec, plan.oracle_cfg,
                                            with_val=plan.oracle_with_val, checkpoint=ckpt, progress=progress)
         info = _figures(result, plan.oracle_cfg, plan.oracle_spec)
-        info |= {"kind": "poe-wrn", "trained_on": "train+val" if plan.oracle_with_val else "train",
+        info |= {"kind": "poe", "trained_on": "train+val" if plan.oracle_with_val else "train",
                  "normalization": {"mean": list(splits.mean), "std": list(splits.std)}}
         info |= _size(model, splits)
         state = model.state_dict()

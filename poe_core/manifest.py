@@ -28,7 +28,7 @@ import json
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
@@ -90,11 +90,19 @@ class Oracle(_Model):
     """The oracle kept server-side with its pool, never in a delivered model."""
 
     weights: str
-    format: Literal["poe-wrn", "onnx"]
+    # poe: a network of poe_core.nets (any family) in safetensors, its spec in
+    # `architecture`; onnx: the operator's ONNX classifier.
+    format: Literal["poe", "onnx"]
     classes: list[str]
     normalization: Normalization
     architecture: dict | None = None
     dtype: Literal["fp32", "fp16"] = "fp32"  # of the stored weights; loaded as fp32
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _poe_network(cls, value):
+        # Earlier pools wrote "poe-wrn" for every poe network, a MobileNetV2 too.
+        return "poe" if value == "poe-wrn" else value
 
 
 class Dataset(_Model):

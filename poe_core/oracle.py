@@ -22,7 +22,7 @@ from poe_core.data import Normalize
 from poe_core.device import autocast
 from poe_core.files import sha256_file
 
-KINDS = ("poe-wrn", "onnx")
+KINDS = ("poe", "onnx")  # a network of poe_core.nets (any family), or an ONNX classifier
 
 
 class OracleError(ValueError):
@@ -58,12 +58,12 @@ class Oracle:
 
 
 def from_module(module: nn.Module, classes: Sequence[str], mean, std, fingerprint: str) -> Oracle:
-    return Oracle("poe-wrn", list(classes), tuple(mean), tuple(std), fingerprint, module=module.eval())
+    return Oracle("poe", list(classes), tuple(mean), tuple(std), fingerprint, module=module.eval())
 
 
 def load_poe_oracle(weights: Path, classes: Sequence[str], device: torch.device) -> Oracle:
-    """A WRN oracle from `<name>.safetensors` beside its `<name>.json` (architecture,
-    normalisation)."""
+    """A poe network oracle (any family of poe_core.nets) from `<name>.safetensors`
+    beside its `<name>.json` (architecture, normalisation)."""
     from safetensors.torch import load_file
 
     from poe_core.nets import Network, spec_from_dict

@@ -72,7 +72,7 @@ class ExternalOracle:
 
     @property
     def kind(self) -> str:
-        return "onnx" if self.path.suffix == ".onnx" else "poe-wrn"
+        return "onnx" if self.path.suffix == ".onnx" else "poe"
 
 
 @dataclass

@@ -137,6 +137,8 @@ def test_mobilenet_v2_pool_records_its_family_and_split(mobilenet_pool):
     assert arch.library == {"family": "mobilenet_v2", "split": 3, "kc": 0.25, "ks": 0.25}
     assert arch.expert == {"family": "mobilenet_v2", "split": 3, "kc": 0.25, "ks": 0.1}
     assert mobilenet_pool.image_shape == [3, 128, 128]
+    oracle = mobilenet_pool.spec.oracle
+    assert oracle.format == "poe" and oracle.architecture["family"] == "mobilenet_v2"
     assert mobilenet_pool.spec.library.flops > 0 and mobilenet_pool.part("task0").params > 0
 
 

@@ -47,6 +47,20 @@ def test_unknown_format_version_is_a_clear_error(pool, tmp_path, version):
         parse_manifest(raw)
 
 
+def test_a_kept_oracle_is_labelled_poe_and_old_pools_labels_still_read(pool, tmp_path):
+    assert json.loads((pool.root / "manifest.json").read_text())["oracle"]["format"] == "poe"
+    copy = shutil.copytree(pool.root, tmp_path / "copy")
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["oracle"]["format"] = "poe-wrn"  # as written before MobileNetV2 oracles existed
+    raw["pool_id"] = pool_id(raw)
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    old = load_pool(copy)
+    assert old.spec.oracle.format == "poe" and old.pool_id == raw["pool_id"]
+    raw["oracle"]["format"] = "resnet"
+    with pytest.raises(ManifestError, match="format"):
+        parse_manifest(raw)
+
+
 def test_a_manifest_missing_a_field_names_it(pool):
     raw = json.loads((pool.root / "manifest.json").read_text())
     del raw["experts"]["task0"]["widths"]

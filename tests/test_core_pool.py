@@ -101,7 +101,7 @@ def test_the_pool_keeps_its_oracle_but_never_delivers_it(pool, work_dir, synthet
     from poe_core.oracle import load_poe_oracle
 
     m = pool.spec
-    assert m.oracle is not None and m.oracle.format == "poe-wrn"
+    assert m.oracle is not None and m.oracle.format == "poe"
     assert m.oracle.classes == list(synthetic.taxonomy.classes)
     assert m.oracle.normalization.mean == list(synthetic.mean) and m.oracle.weights in m.files
     kept = load_file(str(pool.path(m.oracle.weights)))
