@@ -188,6 +188,25 @@ def tiny_extraction(oracle_epochs: int = 2, **overrides) -> dict:
             "tasks": ["task0", "task1"], "batch_size": 16, "precision": "fp32", "device": "cpu"} | overrides
 
 
+class Lines:
+    """A job's reporter (app.jobs.extraction.Reporter) that keeps its phases and lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def phase(self, name: str) -> None:
+        self.lines.append(f"phase {name}")
+
+    def progress(self, percent, update) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def check(self) -> None:
+        pass
+
+
 def store_with(databases: Databases, data_dir: Path, bundle: Path, **overrides) -> tuple[Settings, int]:
     """Settings of a new store in which the pool bundle is imported and active, and its version."""
     settings = make_settings(databases, data_dir, **overrides)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from photo_folders import write_tiny_imagenet
-from service_fixtures import ADMIN, Databases, make_settings, store_with, tiny_extraction
+from service_fixtures import ADMIN, Databases, Lines, make_settings, store_with, tiny_extraction
 
 from app.jobs.custom_task import run_add_task
 from app.jobs.extraction import run_extraction
@@ -94,23 +94,6 @@ def test_a_resize_below_the_default_image_size_is_422(client, settings):
 def test_only_photo_folders_take_an_image_size(client):
     r = client.post("/admin/extractions", headers=ADMIN, json={"data": {"source": "synthetic", "image_size": 64}})
     assert r.status_code == 422 and "Extra inputs are not permitted" in r.text
-
-
-class Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def phase(self, name: str) -> None:
-        self.lines.append(f"phase {name}")
-
-    def progress(self, percent, update) -> None:
-        pass
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
-
-    def check(self) -> None:
-        pass
 
 
 def test_jobs_load_photos_at_the_requested_size(tmp_path):

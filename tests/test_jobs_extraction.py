@@ -5,9 +5,10 @@ import subprocess
 import sys
 import time
 
-from poe_core.pool import load_pool
+from service_fixtures import Lines
 
 from app.jobs.extraction import run_extraction
+from poe_core.pool import load_pool
 
 BUILD = """
 import sys
@@ -17,20 +18,6 @@ from poe_core.data import make_synthetic
 work = Path(sys.argv[1])
 build_pool_from_work(work, work / "pool", make_synthetic())
 """
-
-
-class Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def phase(self, name: str) -> None:
-        self.lines.append(f"phase {name}")
-
-    def progress(self, percent, update) -> None:
-        pass
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
 
 
 def test_a_pool_build_killed_midway_leaves_nothing_behind(work_dir, tmp_path):
