@@ -5,7 +5,6 @@ import torch
 from typer.testing import CliRunner
 
 from poe_core.bank import ViewRecipe, build_features
-
 from poe_core.cli import app
 from poe_core.data import Normalize, make_synthetic
 from poe_core.extend import ExtensionError, add_task, check_data, find_bank, kept_oracle
