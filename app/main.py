@@ -69,8 +69,10 @@ async def lifespan(app: FastAPI):
 class PoeAPI(FastAPI):
     def build_middleware_stack(self):
         # Outside Starlette's error handling, so a 500 is timed and logged, and carries its
-        # request id, like any answer. FastLane answers POST /models before routing.
-        return RequestTelemetry(super().build_middleware_stack(), fast_paths={("POST", "/models"): "/models"})
+        # request id, like any answer. FastLane answers POST /models before the rest of the
+        # stack; what it cannot answer goes through it (body limit, error handlers, routing).
+        lane = models.FastLane(super().build_middleware_stack(), self.state.settings.max_body_bytes)
+        return RequestTelemetry(lane, fast_paths={("POST", "/models"): "/models"})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,7 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  docs_url=None, redoc_url=None)
     app.state.settings = settings or Settings()
     errors.install(app)
-    app.add_middleware(models.FastLane)  # inside the body limit: added first
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
     for module in (health, telemetry, tasks, models, admin):
         app.include_router(module.router)

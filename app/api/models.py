@@ -15,7 +15,7 @@ import json
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -176,7 +176,15 @@ async def create_model(request: Request) -> Response:
     model = await _model(request, served, query, file_format, ident)
     if wants_json(request.headers.get("accept")):
         return _metadata(request, model)
-    return Response(model.data, media_type=ONNX, headers=model.headers)
+    return ModelFile(model)
+
+
+class ModelFile(Response):
+    """A model file answer with the headers its ServedModel encoded once."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.status_code, self.body, self.background = 200, model.data, None
+        self.raw_headers = list(model.raw_headers)
 
 
 async def _resolve(services, ident: str) -> tuple[ServedPool, ModelQuery]:
@@ -288,22 +296,27 @@ async def plan_models(request: Request, size: Annotated[Literal["params", "bytes
 
 
 class FastLane:
-    """POST /models straight to its handler, skipping FastAPI's routing, dependency
-    solving and per-request bookkeeping: about half the cost of a cached answer."""
+    """POST /models straight to its handler, before FastAPI's middleware stack, routing,
+    dependency solving and per-request bookkeeping: well over half the cost of a cached
+    answer. Only a body of a stated length within the limit takes the lane; a chunked or
+    oversized one, and every request the handler raises an error for (its body replayed),
+    go the ordinary way, through the body limit and the error handlers."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, max_bytes: int) -> None:
         self.app = app
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/models":
+            return await self.app(scope, receive, send)
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        if not length.isdigit() or int(length) > self.max_bytes:
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         try:
             response = await create_model(request)
         except ClientDisconnect:
             return
-        except HTTPException as e:  # raised while reading the body (too large): it cannot be replayed
-            response = JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers)
         except Exception:
             body = await request.body()  # read already: handed on as it was received
             sent = False

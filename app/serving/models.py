@@ -290,6 +290,12 @@ class ServedModel:
         }
 
     @cached_property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The file answer's headers, encoded once: the hot path sends them as they are."""
+        return ((b"content-type", ONNX.encode()), (b"content-length", str(self.size).encode()),
+                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()))
+
+    @cached_property
     def info(self) -> ModelInfo:
         """Computed when asked (a metadata answer), once: the file answer needs none of it."""
         pool, q = self.served.pool, self.query
