@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from app import errors, telemetry, web
 from app.api import admin, health, models, tasks
 from app.jobs.queue import recover_stale
+from app.metrics import TALLY
 from app.services import Services, admin_token
 from app.settings import Settings
 from app.telemetry import RequestTelemetry
@@ -35,11 +36,13 @@ async def _every(seconds: float, work, what: str) -> None:
 
 
 def _background(services: Services) -> list:
-    """The periodic work of an API process: request counts to the database; the active
+    """The periodic work of an API process: request counts to the database; tallied
+    metrics added up (app.metrics.TALLY); the active
     pool version refreshed ahead of its TTL, so requests never wait for SQL; and stale
     jobs recovered, so a dead worker's job is queued again even when no worker polls."""
     settings = services.settings
     work = [(settings.stats_flush_seconds, services.serving.flush_counts, "writing request counts"),
+            (1.0, TALLY.flush, "adding up metrics"),
             (settings.stale_seconds / 2, lambda: recover_stale(services.db, settings.stale_seconds,
                                                                 settings.job_max_attempts),
              "recovering stale jobs")]
@@ -63,6 +66,7 @@ async def lifespan(app: FastAPI):
         for task in periodic:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        TALLY.flush()
         await run_in_threadpool(services.close)
 
 

@@ -2,9 +2,9 @@
 
 RequestTelemetry is a plain ASGI middleware around the whole application (outside
 Starlette's error handling, so a 500 is timed, logged and answered with its id too):
-per request it reads or makes the X-Request-ID, adds it to the answer, observes one
-histogram child (found in a dict: no label resolution per request) and writes one JSON
-log line, a few microseconds in all. The request count is the histogram's `_count`.
+per request it reads or makes the X-Request-ID, adds it to the answer, tallies one
+histogram observation (app.metrics.TALLY: added to the histogram once a second) and
+writes one JSON log line, a few microseconds in all. The request count is the histogram's `_count`.
 
 Metrics updated as things happen are app.metrics'. What the database knows (jobs by
 state) and which pool version is active are read when /metrics is scraped. No setting, token, URL or path is
@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.routing import Mount
 
 from app.logs import REQUEST_ID
-from app.metrics import HTTP_SECONDS
+from app.metrics import HTTP_SECONDS, TALLY
 from app.store.tables import Job
 
 log = logging.getLogger("poe.access")
@@ -79,6 +79,7 @@ class ServiceState:
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus text format (not in the OpenAPI schema: it is for the scraper)."""
+    TALLY.flush()  # this process's; the others' are at most a second behind
     state = CollectorRegistry(auto_describe=False)
     state.register(ServiceState(request.app.state.services))
     if _multiprocess_dir():
@@ -142,7 +143,7 @@ class RequestTelemetry:
             child = self._children.get(key)
             if child is None:
                 child = self._children[key] = HTTP_SECONDS.labels(method, route, str(status))
-            child.observe(seconds)
+            TALLY.observe(child, seconds)
             if log.isEnabledFor(logging.INFO):
                 log.info("%s %s %d", method, scope["path"], status,
                          extra={"method": scope["method"], "path": scope["path"], "status": status,

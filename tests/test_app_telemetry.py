@@ -138,3 +138,34 @@ def test_metrics_never_show_secrets(databases, tmp_path, pool):
     assert "poe_jobs" in text and "poe_http_request_duration_seconds" in text
     for secret in (ADMIN_TOKEN, password, str(tmp_path)):
         assert secret not in text
+
+
+def test_tallied_metrics_add_up_to_what_direct_updates_give():
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from app.metrics import Tally
+
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    amounts = [0.0, 0.0005, 0.001, 0.002, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 0.01, 7.5]  # bounds and +Inf included
+    texts = []
+    for tallied in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h_seconds", "h", ["route"], buckets=bounds, registry=registry)
+        counter = Counter("c", "c", ["result"], registry=registry)
+        tally = Tally()
+        for i, amount in enumerate(amounts):
+            child = histogram.labels("/a" if i % 3 else "/b")
+            if tallied:
+                tally.observe(child, amount)
+                tally.inc(counter.labels("hit"))
+            else:
+                child.observe(amount)
+                counter.labels("hit").inc()
+        if tallied:
+            assert b'h_seconds_count{route="/a"} 0.0' in generate_latest(registry)  # nothing added before flush
+            tally.flush()
+            tally.flush()  # a second flush adds nothing more
+        texts.append(b"\n".join(line for line in generate_latest(registry).splitlines()
+                                 if not line.startswith(b"#") and b"_created" not in line))
+    assert texts[0] == texts[1]
+    assert b'h_seconds_count{route="/a"} 8.0' in texts[1] and b'c_total{result="hit"} 12.0' in texts[1]

@@ -40,7 +40,7 @@ from functools import cached_property
 import onnxruntime
 from cachetools import LRUCache
 
-from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS
+from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS, TALLY
 from app.serving.registry import ServedPool
 from app.store.db import Database
 from app.store.rows import add_task_requests
@@ -344,14 +344,14 @@ class ModelCache:
                 assembled = served.assembler.assemble(query.model, softmax=query.output == "probabilities",
                                                       weights=query.weights, reject=rule,
                                                       reject_output=query.reject_output)
-                ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
-                CACHE_MISS.inc()
+                TALLY.observe(ASSEMBLY_SECONDS, time.perf_counter() - started)
+                TALLY.inc(CACHE_MISS)
                 self.assemblies += 1
                 model = ServedModel(served, query, ident, assembled.data, assembled.labels, rule=rule)
                 if model.size <= self._models.maxsize:
                     self._models[ident] = model
             else:
-                CACHE_HIT.inc()
+                TALLY.inc(CACHE_HIT)
         return model
 
     @property
