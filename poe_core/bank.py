@@ -116,6 +116,23 @@ class LogitBank:
             yield x, images.y[idx].to(device), targets
 
 
+def _fill(store: np.ndarray, units: list[tuple[int, int]], chunk: Callable[[int, int], np.ndarray], state: dict,
+          state_path: Path, what: str, progress: Callable[[int, int], None] | None) -> None:
+    """Compute the (view, first image) chunks `units` not yet done into the memory-mapped
+    `store`, each flushed before the state file records it: an interrupted fill resumes
+    at the first missing chunk."""
+    if state["done"] < len(units):
+        log.info("%s: %d of %d chunks to compute", what, len(units) - state["done"], len(units))
+    for i in range(state["done"], len(units)):
+        v, s = units[i]
+        store[v, s:s + CHUNK] = chunk(v, s)
+        store.flush()
+        state["done"] = i + 1
+        atomic_write(state_path, json.dumps(state))
+        if progress is not None:
+            progress(i + 1, len(units))
+
+
 def build_bank(
     oracle: Oracle, images: ImageSet, recipe: ViewRecipe, work: Path, *, device: torch.device,
     precision: str = "fp32", progress: Callable[[int, int], None] | None = None,
@@ -137,17 +154,12 @@ def build_bank(
         atomic_write(state_path, json.dumps(state))
     store = np.load(logits_path, mmap_mode="r+")
     units = [(v, s) for v in range(recipe.views) for s in range(0, n, CHUNK)]
-    if state["done"] < len(units):
-        log.info("logit bank %s: %d of %d chunks to compute", key, len(units) - state["done"], len(units))
-    for i in range(state["done"], len(units)):
-        v, s = units[i]
+
+    def chunk(v: int, s: int) -> np.ndarray:
         x = apply_views(images.x[s:s + CHUNK], views[v, s:s + CHUNK], recipe.pad).to(device)
-        store[v, s:s + CHUNK] = oracle.logits(x, precision).cpu().numpy().astype(np.float16)
-        store.flush()
-        state["done"] = i + 1
-        atomic_write(state_path, json.dumps(state))
-        if progress is not None:
-            progress(i + 1, len(units))
+        return oracle.logits(x, precision).cpu().numpy()
+
+    _fill(store, units, chunk, state, state_path, f"logit bank {key}", progress)
     del store
     return LogitBank(torch.from_numpy(np.load(logits_path)), views, recipe, key)
 
@@ -191,17 +203,12 @@ def build_features(
         state = doc | {"key": key, "shape": list(shape), "done": 0}
         atomic_write(state_path, json.dumps(state))
     store = np.load(path, mmap_mode="r+")
-    if state["done"] < len(units):
-        log.info("library features %s: %d of %d chunks to compute", key, len(units) - state["done"], len(units))
-    for i in range(state["done"], len(units)):
-        v, s = units[i]
+
+    def chunk(v: int, s: int) -> np.ndarray:
         x = normalize(apply_views(images.x[s:s + CHUNK], bank.views[v, s:s + CHUNK], bank.recipe.pad).to(device))
         with torch.no_grad(), autocast(device, precision):
-            store[v, s:s + CHUNK] = library(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-        store.flush()
-        state["done"] = i + 1
-        atomic_write(state_path, json.dumps(state))
-        if progress is not None:
-            progress(i + 1, len(units))
+            return library(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+
+    _fill(store, units, chunk, state, state_path, f"library features {key}", progress)
     del store
     return replace(bank, features=np.load(path, mmap_mode="r"))
