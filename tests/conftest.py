@@ -69,6 +69,18 @@ def photo_pool_64(tmp_path_factory) -> tuple[Pool, Splits]:
     return untrained_photo_pool(tmp_path_factory.mktemp("photo-pool-64"))
 
 
+@pytest.fixture(scope="session")
+def photo_pool_128(tmp_path_factory) -> tuple[Pool, Splits]:
+    """An untrained 128x128 MobileNetV2 pool over photos resized to 144 and center-cropped."""
+    return untrained_photo_pool(tmp_path_factory.mktemp("photo-pool-128"), 128, 144, "mobilenet_v2")
+
+
+@pytest.fixture(scope="session", params=["photo_pool_64", "photo_pool_128"])
+def photo_pool(request) -> tuple[Pool, Splits]:
+    """Each untrained photo pool in turn: the WRN at 64x64, the MobileNetV2 at 128x128."""
+    return request.getfixturevalue(request.param)
+
+
 # The service's fixtures (store, API client, worker processes) and the S3 server live in
 # modules of their own.
 pytest_plugins = ["service_fixtures", "s3_server"]

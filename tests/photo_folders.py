@@ -9,7 +9,7 @@ from PIL import Image
 
 from poe_core.build import build_pool
 from poe_core.data import load_image_folder, make_synthetic
-from poe_core.nets import WRNSpec, expert_head
+from poe_core.nets import ArchSpec, MobileNetV2Spec, WRNSpec, expert_head
 
 # Three WordNet groups of two classes each: the groups name synsets above the classes.
 SYNSETS = {"canine": ("n02083346", ["n02085620", "n02099601"]),
@@ -50,13 +50,22 @@ def write_tiny_imagenet(root: Path, width: int = 80, height: int = 72, per_class
     return groups
 
 
-def untrained_photo_pool(root: Path, size: int = 64, resize: int = 72):
-    """A pool of untrained WRNs with stride 2 (the Tiny-ImageNet setting) over the photos
-    of write_tiny_imagenet, cropped to `size` from a shorter side of `resize`: built in
-    seconds, for what serves and runs a model (its figures are meaningless)."""
-    groups = write_tiny_imagenet(root / "tiny-imagenet")
+# The authors' settings, untrained and narrow: Tiny-ImageNet's WRN with conv1's stride 2 at
+# 64x64 and ImageNet's MobileNetV2 (library: stem + 3 stages) at 128x128.
+PHOTO_ARCHITECTURES: dict[str, tuple[ArchSpec, ArchSpec]] = {
+    "wrn": (WRNSpec(10, 0.5, 0.5, stride=2), WRNSpec(10, 0.5, 0.25)),
+    "mobilenet_v2": (MobileNetV2Spec(3, 0.25, 0.25), MobileNetV2Spec(3, 0.25, 0.1)),
+}
+
+
+def untrained_photo_pool(root: Path, size: int = 64, resize: int = 72, family: str = "wrn"):
+    """A pool of untrained networks of `family` (PHOTO_ARCHITECTURES) over the photos of
+    write_tiny_imagenet, cropped to `size` from a shorter side of `resize` (the photos are
+    written `resize` high): built in seconds, for what serves and runs a model (its
+    figures are meaningless)."""
+    groups = write_tiny_imagenet(root / "tiny-imagenet", width=resize + resize // 9, height=resize)
     splits = load_image_folder(root / "tiny-imagenet", groups, size=size, resize=resize, val_per_class=2)
-    library_spec, expert_spec = WRNSpec(10, 0.5, 0.5, stride=2), WRNSpec(10, 0.5, 0.25)
+    library_spec, expert_spec = PHOTO_ARCHITECTURES[family]
     library = library_spec.library()
     experts = {t: expert_head(expert_spec, library.out_channels, len(splits.taxonomy.class_names(t)), seed=i)
                for i, t in enumerate(splits.taxonomy.task_names)}

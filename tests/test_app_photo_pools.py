@@ -26,18 +26,23 @@ JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture
-def photo_client(databases, tmp_path, photo_pool_64):
-    pool, _ = photo_pool_64
+def photo_client(databases, tmp_path, photo_pool):
+    pool, _ = photo_pool
     settings, _ = store_with(databases, tmp_path / "data", pool.root)
     with TestClient(create_app(settings)) as c:
         yield c
 
 
-def test_a_64x64_pool_states_its_input_and_preprocessing(photo_client, photo_pool_64):
-    pool, splits = photo_pool_64
-    expected = {"name": "input", "shape": ["batch", 3, 64, 64], "mean": pytest.approx(pool.mean),
+RESIZE = {64: 72, 128: 144}  # input side -> shorter side of the photos (tests/photo_folders.py)
+
+
+def test_a_photo_pool_states_its_input_and_preprocessing(photo_client, photo_pool):
+    """The 64x64 WRN pool and the 128x128 MobileNetV2 pool alike."""
+    pool, splits = photo_pool
+    size = pool.image_shape[-1]
+    expected = {"name": "input", "shape": ["batch", 3, size, size], "mean": pytest.approx(pool.mean),
                 "std": pytest.approx(pool.std), "scale": "pixel / 255, then (x - mean) / std, RGB",
-                "resize_shorter_side": 72, "center_crop": 64}
+                "resize_shorter_side": RESIZE[size], "center_crop": size}
     assert photo_client.get("/tasks").json()["input"] == expected
     meta = photo_client.post("/models", json={"tasks": ["feline", "bird"]}, headers=JSON).json()
     assert meta["input"] == expected
@@ -46,15 +51,24 @@ def test_a_64x64_pool_states_its_input_and_preprocessing(photo_client, photo_poo
     data = photo_client.get(meta["download_url"]).content
     props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     stated = json.loads(props["poe.input"])
-    assert (stated["resize_shorter_side"], stated["center_crop"], stated["shape"]) == (72, 64, ["batch", 3, 64, 64])
+    assert (stated["resize_shorter_side"], stated["center_crop"], stated["shape"]) == \
+        (RESIZE[size], size, ["batch", 3, size, size])
     photo = next((pool.root.parent / "tiny-imagenet" / "val" / "images").iterdir())
     mean, std = (np.array(meta["input"][k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
-    x = (load_photo(photo, 64, 72)[None].astype(np.float32) / 255 - mean) / std
-    (logits,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    x = (load_photo(photo, size, RESIZE[size])[None].astype(np.float32) / 255 - mean) / std
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x})
     with torch.no_grad():
         expected_logits = pool.branched_model(["bird", "feline"])(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
     assert meta["labels"] == ["brambling", "goldfinch", "tabby", "lion"]
+    # The reported accuracy is the delivered file's on the validation photos of its classes.
+    classes = pool.taxonomy.class_indices(meta["labels"])
+    val = splits.val.of_classes(classes)
+    x = (val.x.numpy().astype(np.float32) / 255 - mean) / std
+    (logits,) = session.run(None, {"input": x})
+    truth = np.array([classes.index(y) for y in val.y.tolist()])
+    assert len(val) == 8 and meta["val_acc"] == pytest.approx(float((logits.argmax(1) == truth).mean()))
 
 
 def test_a_pool_of_stored_images_states_no_preprocessing(client):
