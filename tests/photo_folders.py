@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from poe_core.build import build_pool
+from poe_core.build import build_pool, normalised
 from poe_core.data import load_image_folder, make_synthetic
-from poe_core.nets import ArchSpec, MobileNetV2Spec, WRNSpec, expert_head
+from poe_core.nets import ArchSpec, BranchedModel, MobileNetV2Spec, WRNSpec, expert_head
 
 # Three WordNet groups of two classes each: the groups name synsets above the classes.
 SYNSETS = {"canine": ("n02083346", ["n02085620", "n02099601"]),
@@ -62,13 +63,29 @@ def untrained_photo_pool(root: Path, size: int = 64, resize: int = 72, family: s
     """A pool of untrained networks of `family` (PHOTO_ARCHITECTURES) over the photos of
     write_tiny_imagenet, cropped to `size` from a shorter side of `resize` (the photos are
     written `resize` high): built in seconds, for what serves and runs a model (its
-    figures are meaningless)."""
+    figures are meaningless). Its batch norms hold the statistics of the training photos."""
     groups = write_tiny_imagenet(root / "tiny-imagenet", width=resize + resize // 9, height=resize)
     splits = load_image_folder(root / "tiny-imagenet", groups, size=size, resize=resize, val_per_class=2)
     library_spec, expert_spec = PHOTO_ARCHITECTURES[family]
     library = library_spec.library()
     experts = {t: expert_head(expert_spec, library.out_channels, len(splits.taxonomy.class_names(t)), seed=i)
                for i, t in enumerate(splits.taxonomy.task_names)}
+    fit_batch_norm(BranchedModel(library, list(experts.values())),
+                   torch.from_numpy(normalised(splits.train, splits.mean, splits.std)))
     # Random weights: int8's accuracy drop means nothing here, so it is not refused.
     return build_pool(root / "pool", library=library, experts=experts, splits=splits, library_spec=library_spec,
                       expert_spec=expert_spec, int8_max_mean_drop=1.0, calibration_images=16), splits
+
+
+def fit_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Set every batch norm's running statistics to those of `x`, weights untouched: an
+    untrained MobileNetV2's outputs fade to about 1e-7 with the initial statistics, and a
+    test comparing such outputs to 1e-4, or their top-1, would compare nothing."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: one batch gives its statistics
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()

@@ -1,6 +1,6 @@
 """The page in a real browser: Debian's headless Chromium, driven by Playwright, against a
-live `poe serve` on loopback, with the synthetic pool, a 64x64 pool of photos and the shipped
-CIFAR-100 pool.
+live `poe serve` on loopback, with the synthetic pool, pools of photos (a 64x64 WRN and a
+128x128 MobileNetV2) and the shipped CIFAR-100 pool.
 It picks tasks, reads the accuracy, downloads the model and runs it on an image in the
 page with onnxruntime-web; the page's top-1 must be onnxruntime's top-1 in Python for the
 same image. It also opens /docs and /redoc with every request off loopback refused.
@@ -100,9 +100,9 @@ def wide_server(tmp_path_factory, wide_pool):
 
 
 @pytest.fixture(scope="module")
-def photo_server(tmp_path_factory, photo_pool_64):
-    """The untrained 64x64 pool of photos resized to 72 and center-cropped."""
-    with _serve(tmp_path_factory.mktemp("web-photo"), str(photo_pool_64[0].root)) as url:
+def photo_server(tmp_path_factory, photo_pool):
+    """An untrained pool of photos resized and center-cropped: 64x64 from 72, 128x128 from 144."""
+    with _serve(tmp_path_factory.mktemp("web-photo"), str(photo_pool[0].root)) as url:
         yield url
 
 
@@ -215,6 +215,7 @@ def test_page_composes_downloads_and_runs_the_model(server, browser, image, pool
     else:
         assert page.locator("#class-acc-box").is_hidden() and bars.count() == 0
     assert page.locator("#samples-box").is_hidden()  # no sample images of the synthetic classes
+    assert "this model takes 16×16 images." in page.locator("#samples-note").inner_text()
 
     with page.expect_download() as download:
         page.locator("#download-onnx").click()
@@ -252,19 +253,28 @@ def _page_run(page, meta: dict, image: Path) -> dict:
     return run
 
 
-def test_the_page_prepares_photos_as_a_64x64_pool_says(photo_server, browser, photo_pool_64, tmp_path):
-    """The page resizes a photo's shorter side to 72 and center-crops 64x64 (the pool's
-    preprocess), normalises it, and its onnxruntime-web outputs are onnxruntime's in Python
-    on that input. A photo already 72 high is only cropped: the page's input is then, to
-    the last bit, Python's load_photo of it."""
-    pool, _ = photo_pool_64
+def test_the_page_prepares_photos_as_a_photo_pool_says(photo_server, browser, photo_pool, tmp_path):
+    """On the 64x64 WRN pool and the 128x128 MobileNetV2 pool, the page resizes a photo's
+    shorter side to 72 (144) and center-crops 64x64 (128x128), the pool's preprocess,
+    normalises it, and its onnxruntime-web outputs are onnxruntime's in Python on that
+    input. A photo already 72 (144) high is only cropped: the page's input is then, to the
+    last bit, Python's load_photo of it. The page's 32x32 CIFAR-100 samples are not offered,
+    though the pool has a class of theirs (lion), and the page says why."""
+    pool, _ = photo_pool
+    size, resize = pool.image_shape[-1], pool.spec.dataset.preprocess["resize_shorter_side"]
     page, errors, refused = _open(browser, photo_server, 1280, 900)
     for task in ("feline", "bird"):
         page.locator(f'#tasks input[value="{task}"]').check()
     meta = httpx.post(f"{photo_server}/models", json={"tasks": ["feline", "bird"], "options": {"weights": "fp32"}},
                       headers={"Accept": "application/json"}).json()
-    assert (meta["input"]["resize_shorter_side"], meta["input"]["center_crop"]) == (72, 64)
+    assert (meta["input"]["resize_shorter_side"], meta["input"]["center_crop"]) == (resize, size) != (32, 32)
     _wait_for_model(page, meta)
+    assert "lion" in meta["labels"] and "lion" in json.loads((STATIC / "samples" / "index.json").read_text())["images"]
+    assert page.locator("#samples-box").is_hidden() and page.locator("#samples .sample").count() == 0
+    assert page.locator("#samples-note").inner_text() == (
+        "No one-click test images for this model: the page's sample images are 32×32, from the CIFAR-100 test "
+        f"split (Krizhevsky, 2009), and this model takes {size}×{size} photos (shorter side resized to {resize}, "
+        f"central {size}×{size}). Try a photo of your own.")
     session = ort.InferenceSession(httpx.get(urljoin(photo_server, meta["download_url"])).content,
                                    providers=["CPUExecutionProvider"])
     # The page computes in float64 (JavaScript numbers) and stores float32.
@@ -276,23 +286,24 @@ def test_the_page_prepares_photos_as_a_64x64_pool_says(photo_server, browser, ph
 
     photo = sorted((pool.root.parent / "tiny-imagenet" / "val" / "images").iterdir())[0]
     pixels = np.asarray(Image.open(photo).convert("RGB"))
-    assert pixels.shape == (72, 80, 3)
+    height, width = pixels.shape[:2]
+    assert height == resize < width
     exact = tmp_path / "exact.png"
     Image.fromarray(pixels).save(exact)
     # The same photo twice as large: the page resamples it with the browser's filter.
     large = tmp_path / "large.png"
-    Image.fromarray(pixels).resize((160, 144), Image.BILINEAR).save(large)
+    Image.fromarray(pixels).resize((2 * width, 2 * height), Image.BILINEAR).save(large)
 
     for image, exactly in ((exact, True), (large, False)):
         run = _page_run(page, meta, image)
-        x = np.array(run["input"], np.float32).reshape(1, 3, 64, 64)
-        expected = prepared(load_photo(image, 64, 72))[None]
+        x = np.array(run["input"], np.float32).reshape(1, 3, size, size)
+        expected = prepared(load_photo(image, size, resize))[None]
         if exactly:
             np.testing.assert_array_equal(x, expected)
         else:
             # Another filter than PIL's on these noisy pixels, but the same box: closer to
             # PIL's crop than to that crop one pixel off (about 4 and 12 levels of 255).
-            shifted = prepared(load_photo(image, 64, 72)[:, :, 1:])[None]
+            shifted = prepared(load_photo(image, size, resize)[:, :, 1:])[None]
             error = np.abs((x - expected) * std).mean() * 255
             assert error < 0.5 * np.abs((x[..., :-1] - shifted) * std).mean() * 255, error
         (logits,) = session.run(None, {"input": x})
@@ -300,7 +311,7 @@ def test_the_page_prepares_photos_as_a_64x64_pool_says(photo_server, browser, ph
         first = page.locator("#top5 li").first
         assert first.get_attribute("data-label") == meta["labels"][int(logits[0].argmax())]
     assert page.evaluate("[document.getElementById('preview').width, document.getElementById('preview').height]") \
-        == [64, 64]
+        == [size, size]
     assert not errors and not refused
 
 
@@ -321,6 +332,20 @@ def test_none_of_these_below_the_threshold(server, browser):
         verdict = page.locator("#verdict")
         assert verdict.get_attribute("data-accepted") == str(accepted).lower()
         assert verdict.inner_text().startswith("One of" if accepted else "None of these")
+
+
+def test_samples_fit_only_inputs_of_their_size(server, browser):
+    """The page's own rule: its 32x32 samples go, unresampled, to a 32x32 input of stored
+    images or of photos resized to 32, and to no other input."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/")
+    page.locator("#tasks .task").first.wait_for()
+    fit = "async ([input, samples]) => (await import('/app.js')).samplesFit(input, samples)"
+    for (height, width), resize, expected in [((32, 32), None, True), ((32, 32), 32, True), ((32, 32), 36, False),
+                                              ((64, 64), None, False), ((64, 64), 72, False),
+                                              ((16, 16), None, False), ((32, 16), None, False)]:
+        input_ = {"shape": ["batch", 3, height, width], "resize_shorter_side": resize}
+        assert page.evaluate(fit, [input_, {"size": [32, 32]}]) is expected, (height, width, resize)
 
 
 def test_class_query_plots_its_front_and_the_slider_downloads_a_point(wide_server, browser, tmp_path):
@@ -414,6 +439,7 @@ def test_samples_run_in_one_click_on_the_cifar_pool(cifar_server, browser, width
     samples.first.wait_for()
     assert samples.count() == sum(len(index["images"][label]) for label in meta["labels"])
     assert _overflowing(page, ".sample-class") == []
+    assert page.locator("#samples-note").is_hidden()
 
     sample = page.locator('#samples .sample[data-label="woman"]').first
     test_index = sample.get_attribute("data-index")

@@ -18,6 +18,7 @@ def test_shipped_samples_are_small_and_complete():
     index = json.loads((SAMPLES / "index.json").read_text())
     files = {index["file"].format(label=label, index=i) for label, ids in index["images"].items() for i in ids}
     assert files == {p.name for p in SAMPLES.glob("*.png")}
+    assert index["size"] == [32, 32]  # [height, width]: the page offers them to 32x32 inputs only
     assert len(index["images"]) == 100 and all(len(ids) == 2 for ids in index["images"].values())
     assert sum(p.stat().st_size for p in SAMPLES.iterdir()) < 600_000
     for name in sorted(files)[::37]:

@@ -1,11 +1,14 @@
 """Write the page's sample images: the first PER_CLASS images of every fine class of the
 CIFAR-100 *test* split (never train or validation images, so they tell nothing about
-what the pool was selected on), as 32x32 PNGs plus an index the page reads.
+what the pool was selected on), as 32x32 PNGs plus an index the page reads. The index
+states their size: the page offers them only to a model whose input they are without
+resampling (a pool of images stored at 32x32, as CIFAR-100's).
 
     python -m app.web.make_samples --data-path ../shared/datasets/cifar100
 
 reads the .npy arrays described in that directory's README and rewrites
-app/web/static/samples/ (PNG files named <class>-<test index>.png, and index.json: class -> test indices).
+app/web/static/samples/ (PNG files named <class>-<test index>.png, and index.json: class -> test indices,
+and the images' [height, width]).
 Output is deterministic: running it again changes no byte."""
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def make_samples(data_path: Path, out: Path = OUT, per_class: int = PER_CLASS) -
         "source": "CIFAR-100 test split (Krizhevsky, 2009)",
         "note": "never used for training or model selection",
         "file": FILE,
+        "size": list(images.shape[1:3]),
         "images": index,
     }
     (out / "index.json").write_text(json.dumps(document, separators=(",", ":")) + "\n")

@@ -2,8 +2,8 @@
 // /models with Accept: application/json) and its accuracy-vs-size front over the experts'
 // widths (POST /models/plan, a plot with a slider that downloads the chosen point), download
 // it, and run it here with onnxruntime-web on the user's image or on one of the CIFAR-100
-// test images shipped under /samples/, saying "none of these" when the model's reject rule
-// refuses the image.
+// test images shipped under /samples/ (offered to models of their 32x32 input only), saying
+// "none of these" when the model's reject rule refuses the image.
 
 const ORT_URL = "/vendor/ort/ort.wasm.min.mjs";
 const MISSING_ORT = "onnxruntime-web is not installed on this server, so models cannot run in the " +
@@ -504,9 +504,37 @@ async function loadSamples() {
 const sampleUrl = (label, index) =>
   "/samples/" + state.samples.file.replace("{label}", encodeURIComponent(label)).replace("{index}", index);
 
-// The shipped test images of the model's classes, one group per class in output order.
+// Whether the shipped samples enter the model as they are: the model's input is their
+// size and photoToInput neither resizes nor crops them (a pool of images stored at their
+// size, CIFAR-100's). On a photo pool of another input size they would be resampled
+// images of another data set, so none is offered.
+export function samplesFit(input, samples) {
+  const [height, width] = samples.size;
+  const box = photoToInput(input, width, height);
+  return box.width === width && box.height === height && box.left === 0 && box.top === 0 &&
+    input.shape[2] === height && input.shape[3] === width;
+}
+
+// The input a model takes, in words: "64×64 photos (shorter side resized to 72, central 64×64)".
+function inputWords(input) {
+  const [, , height, width] = input.shape;
+  const side = input.resize_shorter_side;
+  return side == null ? `${width}×${height} images`
+    : `${width}×${height} photos (shorter side resized to ${side}, central ${width}×${height})`;
+}
+
+// The shipped test images of the model's classes, one group per class in output order;
+// when they do not fit the model's input, a note that says so instead.
 function showSamples(model) {
-  const images = state.samples?.images ?? {};
+  const fit = Boolean(model && state.samples && samplesFit(model.input, state.samples));
+  const note = $("samples-note");
+  note.hidden = !model || !state.samples || fit;
+  if (!note.hidden) {
+    const [height, width] = state.samples.size;
+    note.textContent = `No one-click test images for this model: the page's sample images are ${width}×${height}, ` +
+      `from the ${state.samples.source}, and this model takes ${inputWords(model.input)}. Try a photo of your own.`;
+  }
+  const images = fit ? state.samples.images : {};
   const labels = model ? model.labels.filter((label) => images[label]?.length) : [];
   const box = $("samples");
   if (box.dataset.labels === labels.join(",")) {
@@ -527,7 +555,7 @@ function showSamples(model) {
       button.dataset.index = String(index);
       const image = document.createElement("img");
       image.src = sampleUrl(label, index);
-      image.width = image.height = 32;
+      [image.height, image.width] = state.samples.size;
       image.alt = `Run on ${label}, test image ${n + 1}`;
       button.append(image);
       button.addEventListener("click", async () => {
