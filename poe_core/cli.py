@@ -314,6 +314,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="val (from the cached logits) or test (runs the model).")] = "val",
     data: Annotated[str, typer.Option(help=f"Data source for --split test: {', '.join(SOURCES)}.")] = "cifar100-npy",
     data_path: Annotated[Path | None, typer.Option(help="Data directory for --split test.")] = None,
+    hierarchy: Annotated[Path | None, typer.Option(help="image-folder: the task -> classes JSON the pool was built from (needed when the class folders are WordNet ids); default: the folders are named by the pool's classes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object on stdout.")] = False,
 ) -> None:
     """Accuracy of a composite task from a pool, on the validation or the test split."""
@@ -327,11 +328,10 @@ def evaluate(
 
         from poe_core.evaluate import cross_expert_error_share, predict, task_specific_accuracy
 
-        splits = _load(data, data_path, None, 50, 0, False,
-                       **input_options(loaded.image_shape, loaded.spec.dataset.preprocess))
-        if splits.test is None:
+        test = _test_split(data, data_path, hierarchy, loaded)
+        if test is None:
             fail(f"data source {data} has no test split")
-        test = splits.test.of_classes(loaded.taxonomy.composite_classes(names))
+        test = test.of_classes(loaded.taxonomy.composite_classes(names))
         logits = predict(loaded.branched_model(names), test, loaded.mean, loaded.std, torch.device("cpu"))
         acc = task_specific_accuracy(logits, test.y, loaded.taxonomy.composite_classes(names))
         per_expert = dict(zip(names, logits.split([len(loaded.taxonomy.tasks[t]) for t in names], 1),
@@ -347,6 +347,26 @@ def evaluate(
         return
     print(f"{'+'.join(names)}: {split} accuracy {acc:.2%}, cross-expert errors {cross:.0%} of errors, "
           f"{loaded.composite_params(names):,} parameters, {loaded.composite_flops(names):,} FLOPs")
+
+
+def _test_split(data, data_path, hierarchy, pool):
+    """The test images of `data` at the pool's input, labelled by the pool's classes; an
+    image folder's alone (its training photos are not loaded), through `hierarchy` or
+    the pool's class names as folders."""
+    from poe_core.data import load_image_folder_test
+
+    size = input_options(pool.image_shape, pool.spec.dataset.preprocess)
+    if data != "image-folder":
+        return _load(data, data_path, None, 50, 0, False, **size).test
+    if data_path is None:
+        fail("data source image-folder needs a path")
+    try:
+        return load_image_folder_test(data_path, pool.taxonomy.classes, hierarchy, **size)
+    except FileNotFoundError as e:
+        fail(str(e) + ("" if hierarchy else " (--hierarchy: the JSON the pool was built from, "
+                                            "when the class folders are not named by the classes)"))
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
 
 def _split_words(values: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ prepares a photo the way the training images were.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,38 +155,74 @@ def load_image_folder(
     split is root/test/<class>/ or, in the Tiny-ImageNet layout, root/val/images/ labelled
     by root/val/val_annotations.txt. Photos are resized (shorter side `resize`, default
     `size`) and center-cropped to size x size."""
-    resize = size if resize is None else resize
-    if not 8 <= size <= resize:
-        raise ValueError(f"image size {size} must be at least 8 and at most the resize {resize}")
+    resize = _photo_resize(size, resize)
     root = Path(root)
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root} has no train/ folder")
     taxonomy, folders = folder_taxonomy(root, hierarchy)
+    train = _photos(root, _in_folders(root / "train", folders, taxonomy.classes), size, resize)
+    test = _test_split(root, folders, taxonomy.classes, size, resize)
+    return _split(train, test, taxonomy, val_per_class, seed, root.name,
+                  preprocess={"resize_shorter_side": resize, "center_crop": size})
 
-    def photos(labelled: list[tuple[Path, int]]) -> ImageSet:
-        if not labelled:
-            raise FileNotFoundError(f"{root}: no image among the hierarchy's classes")
-        return ImageSet(torch.from_numpy(np.stack([load_photo(f, size, resize) for f, _ in labelled])),
-                        torch.tensor([label for _, label in labelled]))
 
-    def in_folders(split: str) -> list[tuple[Path, int]]:
-        out = []
-        for label, folder in enumerate(folders):
-            path = root / split / folder
-            if not path.is_dir():
-                raise FileNotFoundError(f"class {taxonomy.classes[label]!r} of the hierarchy has no folder {path}")
-            out += [(f, label) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        return out
+def load_image_folder_test(
+    root: str | Path, classes: Sequence[str], hierarchy: str | Path | None = None, size: int = 32,
+    resize: int | None = None,
+) -> ImageSet | None:
+    """The test split of an ImageFolder alone (as load_image_folder finds it), labelled by
+    the index of each image's class in `classes` (a pool's): a class's folder is the one
+    the hierarchy JSON gives it (WordNet ids too) or, without one, its name. The folder's
+    other classes are left out; None when it has no test split."""
+    resize = _photo_resize(size, resize)
+    root = Path(root)
+    if hierarchy is None:
+        folders = list(classes)
+    else:
+        taxonomy, found = folder_taxonomy(root, hierarchy)
+        folder_of = dict(zip(taxonomy.classes, found, strict=True))
+        missing = [c for c in classes if c not in folder_of]
+        if missing:
+            raise ValueError(f"the hierarchy {hierarchy} has no class {', '.join(map(repr, missing))}")
+        folders = [folder_of[c] for c in classes]
+    return _test_split(root, folders, classes, size, resize)
 
+
+def _photo_resize(size: int, resize: int | None) -> int:
+    resize = size if resize is None else resize
+    if not 8 <= size <= resize:
+        raise ValueError(f"image size {size} must be at least 8 and at most the resize {resize}")
+    return resize
+
+
+def _in_folders(split: Path, folders: Sequence[str], names: Sequence[str]) -> list[tuple[Path, int]]:
+    """The images under split/<folder>/ of every class, labelled by the class's index."""
+    out = []
+    for label, folder in enumerate(folders):
+        path = split / folder
+        if not path.is_dir():
+            raise FileNotFoundError(f"class {names[label]!r} of the hierarchy has no folder {path}")
+        out += [(f, label) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return out
+
+
+def _test_split(root: Path, folders: Sequence[str], names: Sequence[str], size: int,
+                resize: int) -> ImageSet | None:
     annotations = root / "val" / "val_annotations.txt"
     if annotations.is_file():
         label_of = {folder: label for label, folder in enumerate(folders)}
         rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
-        test = photos([(root / "val" / "images" / f, label_of[w]) for f, w in rows if w in label_of])
-    else:
-        test = photos(in_folders("test")) if (root / "test").is_dir() else None
-    return _split(photos(in_folders("train")), test, taxonomy, val_per_class, seed, root.name,
-                  preprocess={"resize_shorter_side": resize, "center_crop": size})
+        return _photos(root, [(root / "val" / "images" / f, label_of[w]) for f, w in rows if w in label_of],
+                       size, resize)
+    return _photos(root, _in_folders(root / "test", folders, names), size, resize) \
+        if (root / "test").is_dir() else None
+
+
+def _photos(root: Path, labelled: list[tuple[Path, int]], size: int, resize: int) -> ImageSet:
+    if not labelled:
+        raise FileNotFoundError(f"{root}: no image in the classes' folders")
+    return ImageSet(torch.from_numpy(np.stack([load_photo(f, size, resize) for f, _ in labelled])),
+                    torch.tensor([label for _, label in labelled]))
 
 
 def make_synthetic(

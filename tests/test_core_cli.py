@@ -1,8 +1,15 @@
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from photo_folders import WORDS
 from typer.testing import CliRunner
 
 from poe_core.cli import app
+from poe_core.data import load_photo
 
 
 def test_query_json_summary_states_the_delivered_model(pool, tmp_path):
@@ -30,3 +37,59 @@ def test_eval_json(pool):
     r = CliRunner().invoke(app, ["eval", "--pool", str(pool.root), "-t", "task1", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["accuracy"] == pool.composite_accuracy(["task1"])
+
+
+
+def _class_name(wnid: str) -> str:
+    """A class's name in a pool of tests/photo_folders.py's photos: its first lemma."""
+    return WORDS[wnid].split(",")[0].replace(" ", "_")
+
+
+def _test_photos(folder: Path) -> list[tuple[Path, str]]:
+    """Tiny-ImageNet's test photos (val/images/, labelled in val_annotations.txt), with class names."""
+    rows = [line.split("\t")[:2] for line in (folder / "val" / "val_annotations.txt").read_text().splitlines()]
+    return [(folder / "val" / "images" / photo, _class_name(wnid)) for photo, wnid in rows]
+
+
+def _photo_test_accuracy(pool, tasks: list[str]) -> float:
+    """The pool's branched model on its folder's test photos of the tasks' classes, at the
+    pool's input: their top-1 accuracy."""
+    labels = [c for t in tasks for c in pool.taxonomy.class_names(t)]
+    photos = [(photo, labels.index(name)) for photo, name in _test_photos(pool.root.parent / "tiny-imagenet")
+              if name in labels]
+    size, resize = pool.image_shape[-1], pool.spec.dataset.preprocess["resize_shorter_side"]
+    x = np.stack([load_photo(photo, size, resize) for photo, _ in photos]).astype(np.float32)
+    mean, std = (np.array(v, np.float32).reshape(1, 3, 1, 1) for v in (pool.mean, pool.std))
+    with torch.no_grad():
+        logits = pool.branched_model(tasks)(torch.from_numpy((x / 255 - mean) / std)).numpy()
+    assert len(photos) == 2 * len(labels)
+    return float((logits.argmax(1) == np.array([label for _, label in photos])).mean())
+
+
+@pytest.mark.parametrize("tasks", [["bird", "feline"], ["canine"], ["feline", "canine", "bird"]])
+def test_eval_on_the_test_photos_of_an_image_folder(photo_pool_64, tasks, tmp_path):
+    """--split test on a pool of photos: its folder's test photos, loaded at the pool's
+    input and labelled through the hierarchy it was built from (WordNet ids), or by the
+    pool's class names when the folders are named so; without the hierarchy, WordNet
+    folders are a clear error."""
+    pool, _ = photo_pool_64
+    folder = pool.root.parent / "tiny-imagenet"
+    expected = _photo_test_accuracy(pool, tasks)
+    base = ["eval", "--pool", str(pool.root), "-t", ",".join(tasks), "--split", "test", "--data", "image-folder",
+            "--json"]
+    hierarchy = pool.root.parent / "groups.json"
+    r = CliRunner().invoke(app, [*base, "--data-path", str(folder), "--hierarchy", str(hierarchy)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(expected)
+
+    r = CliRunner().invoke(app, [*base, "--data-path", str(folder)])
+    assert r.exit_code == 2 and "--hierarchy" in r.output
+
+    # The same photos in test/<class name>/ folders need no hierarchy.
+    named = tmp_path / "named"
+    for photo, name in _test_photos(folder):
+        (named / "test" / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, named / "test" / name)
+    r = CliRunner().invoke(app, [*base, "--data-path", str(named)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(expected)
