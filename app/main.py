@@ -81,8 +81,10 @@ class PoeAPI(FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     # app.web serves /docs and /redoc from npm packages, with no CDN
+    # FastAPI's native OpenTelemetry is off: poe's own metrics are at /metrics, and its
+    # check for configured providers costs more per request than a cached answer.
     app = PoeAPI(title="Pool of Experts", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                 docs_url=None, redoc_url=None)
+                 docs_url=None, redoc_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings or Settings()
     errors.install(app)
     app.add_middleware(errors.BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)

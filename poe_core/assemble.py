@@ -100,7 +100,7 @@ def _header(parts: list[onnx.ModelProto]) -> bytes:
     return header.SerializeToString()
 
 
-def _varint(n: int) -> bytes:
+def _encode_varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -110,6 +110,14 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # every one- and two-byte varint
+
+
+def _varint(n: int) -> bytes:
+    """n as a protobuf varint (a table lookup for the small ones every assembly writes)."""
+    return _SMALL_VARINTS[n] if n < 1 << 14 else _encode_varint(n)
 
 
 class Assembler:
@@ -141,6 +149,7 @@ class Assembler:
         channels, height, width = pool.image_shape
         self._input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                                     ["batch", channels, height, width])
+        self._prepare_tail_and_metadata()
 
     def fragments(self, weights: str) -> dict[str, bytes]:
         """The serialized, renamed parts in format `weights`, by "library", part key
@@ -199,63 +208,107 @@ class Assembler:
                 self._metadata(q, output, weights, reject)]
 
     def _tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
-        taxonomy = self.pool.taxonomy
-        tail = onnx.GraphProto(name=("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200])
-        gather = q.gathers(taxonomy)
+        """The GraphProto fields closing the graph, written field by field: the Concat
+        (its per-task inputs and its fixed rest prepared when the Assembler is built), the
+        Gather, Softmax and reject rule when asked for, the name, the input and outputs."""
+        gather = q.gathers(self.pool.taxonomy)
+        nodes, initializers = [], []
         if q.method == "mask":
             source = f"{STUDENT}/logits"
         else:
             source = "concat" if gather else "logits"
-            tail.node.append(helper.make_node("Concat", [f"{t}/logits" for t in q.tasks], [source],
-                                              name="concat", axis=1))
+            nodes.append(b"".join([*(self._concat_inputs[t] for t in q.tasks), self._concat_rest[source]]))
         if gather:
-            tail.initializer.append(helper.make_tensor("gather/indices", TensorProto.INT64, [len(q.classes)],
-                                                       list(q.columns(taxonomy))))
-            tail.node.append(helper.make_node("Gather", [source, "gather/indices"], ["logits"], name="gather",
-                                              axis=1))
+            initializers.append(helper.make_tensor("gather/indices", TensorProto.INT64, [len(q.classes)],
+                                                   list(q.columns(self.pool.taxonomy))).SerializeToString())
+            nodes.append(helper.make_node("Gather", [source, "gather/indices"], ["logits"], name="gather",
+                                          axis=1).SerializeToString())
         if output == "probabilities":
-            tail.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
-        tail.input.append(self._input)
-        tail.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(q.classes)]))
+            nodes.append(self._softmax)
+        outputs = [self._output(output, len(q.classes))]
         if reject is not None:
-            nodes, initializers = reject_nodes(reject, "logits", ACCEPTED)
-            tail.node.extend(nodes)
-            tail.initializer.extend(initializers)
-            tail.output.append(helper.make_tensor_value_info(ACCEPTED, TensorProto.BOOL, ["batch"]))
-        return tail.SerializeToString()
+            extra_nodes, extra_initializers = reject_nodes(reject, "logits", ACCEPTED)
+            nodes.extend(n.SerializeToString() for n in extra_nodes)
+            initializers.extend(t.SerializeToString() for t in extra_initializers)
+            outputs.append(self._accepted)
+        name = (("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200]).encode()
+        # GraphProto: node 1, name 2, initializer 5, input 11, output 12, in field order as
+        # protobuf writes them.
+        return b"".join([*(_field(1, n) for n in nodes), _field(2, name), *(_field(5, t) for t in initializers),
+                         self._input_field, *(_field(12, o) for o in outputs)])
+
+    def _output(self, output: str, classes: int) -> bytes:
+        key = (output, classes)
+        found = self._outputs.get(key)
+        if found is None:
+            found = self._outputs[key] = helper.make_tensor_value_info(
+                output, TensorProto.FLOAT, ["batch", classes]).SerializeToString()
+        return found
 
     def _metadata(self, q: Query, output: str, weights: str, reject: RejectRule | None) -> bytes:
-        pool = self.pool
-        props = {
-            "poe.labels": json.dumps([pool.taxonomy.classes[c] for c in q.classes]),
-            "poe.tasks": json.dumps(list(q.tasks)),
-            "poe.task_classes": json.dumps({t: pool.taxonomy.class_names(t) for t in q.tasks}),
-            # A photo pool also says how a photo was made its input (no key for other pools,
-            # whose bytes stay those of before).
-            "poe.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "color": "RGB",
-                                     "shape": ["batch", *pool.image_shape],
-                                     "scale": "pixel / 255, then (x - mean) / std",
-                                     **(pool.spec.dataset.preprocess or {})}),
-            "poe.mean": json.dumps(pool.mean),
-            "poe.std": json.dumps(pool.std),
-            "poe.output": output,
-            "poe.weights": weights,
-            "poe.pool_id": pool.pool_id,
-        }
+        """ModelProto.metadata_props, written entry by entry; the JSON values are joined
+        from pieces json.dumps wrote for each class and task when the Assembler was
+        built, so they are byte for byte json.dumps of the whole."""
+        props = [
+            _entry("poe.labels", "[" + ", ".join([self._class_json[c] for c in q.classes]) + "]"),
+            _entry("poe.tasks", "[" + ", ".join([self._task_json[t] for t in q.tasks]) + "]"),
+            _entry("poe.task_classes", "{" + ", ".join([self._task_classes_json[t] for t in q.tasks]) + "}"),
+            self._pool_entries,
+            self._choice_entries[output, weights],
+        ]
         # Keys of the newer capabilities appear only where they say something, so that
         # a plain query's bytes stay those of earlier pools.
         if q.method != "poe":
-            props["poe.method"] = q.method
-        if len(pool.widths) > 1 and q.method == "poe":
-            props[WIDTHS_KEY] = _widths_json(q.tasks, q.widths)
+            props.append(_entry("poe.method", q.method))
+        if len(self.pool.widths) > 1 and q.method == "poe":
+            props.append(_entry(WIDTHS_KEY, _widths_json(q.tasks, q.widths)))
         if reject is not None:
-            props["poe.reject"] = reject.to_json()
-        if self.pool_version is not None:
-            props["poe.pool_version"] = str(self.pool_version)
-        meta = onnx.ModelProto()
-        for key, value in props.items():
-            meta.metadata_props.add(key=key, value=value)
-        return meta.SerializeToString()
+            props.append(_entry("poe.reject", reject.to_json()))
+        props.append(self._version_entry)
+        return b"".join(props)
+
+    def _prepare_tail_and_metadata(self) -> None:
+        """The pieces of every tail and metadata that do not depend on the query."""
+        pool, taxonomy = self.pool, self.pool.taxonomy
+        tasks = taxonomy.task_names
+        self._concat_inputs = {t: _field(1, f"{t}/logits".encode()) for t in tasks}
+        # A NodeProto's inputs are its field 1, written first: the rest follows as it would.
+        self._concat_rest = {source: helper.make_node("Concat", [], [source], name="concat",
+                                                      axis=1).SerializeToString()
+                             for source in ("concat", "logits")}
+        self._softmax = helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax",
+                                         axis=1).SerializeToString()
+        self._input_field = _field(11, self._input.SerializeToString())
+        self._accepted = helper.make_tensor_value_info(ACCEPTED, TensorProto.BOOL, ["batch"]).SerializeToString()
+        self._outputs: dict[tuple[str, int], bytes] = {}
+        self._class_json = [json.dumps(c) for c in taxonomy.classes]
+        self._task_json = {t: json.dumps(t) for t in tasks}
+        self._task_classes_json = {t: f"{json.dumps(t)}: {json.dumps(taxonomy.class_names(t))}" for t in tasks}
+        # A photo pool also says how a photo was made its input (no key for other pools,
+        # whose bytes stay those of before).
+        self._pool_entries = b"".join([
+            _entry("poe.input", json.dumps({"name": INPUT_NAME, "layout": "NCHW", "color": "RGB",
+                                            "shape": ["batch", *pool.image_shape],
+                                            "scale": "pixel / 255, then (x - mean) / std",
+                                            **(pool.spec.dataset.preprocess or {})})),
+            _entry("poe.mean", json.dumps(pool.mean)),
+            _entry("poe.std", json.dumps(pool.std)),
+        ])
+        self._choice_entries = {(output, weights): _entry("poe.output", output) + _entry("poe.weights", weights)
+                                + _entry("poe.pool_id", pool.pool_id)
+                                for output in ("logits", "probabilities") for weights in FORMATS}
+        self._version_entry = b"" if self.pool_version is None else _entry("poe.pool_version",
+                                                                           str(self.pool_version))
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _entry(key: str, value: str) -> bytes:
+    """One ModelProto.metadata_props entry (field 14; StringStringEntryProto key 1, value 2)."""
+    return _field(14, _field(1, key.encode()) + _field(2, value.encode()))
 
 
 def _entry_size(key: str, value_bytes: int) -> int:

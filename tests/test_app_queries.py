@@ -155,6 +155,21 @@ def test_reject_output_gives_the_reported_rates(wide, val, wide_pool):
     assert plain["reject"] == rule and "poe.reject" not in _props(plain_data)  # the rule, not in the file
 
 
+@pytest.mark.parametrize(("body", "suffix"), [
+    ({"tasks": ["task0", "task2"], "options": {"widths": {"task2": 0.5}}}, "-ks0.25_0.5"),
+    ({"tasks": ["task2"], "classes": ["class0_0"], "options": {"method": "mask", "softmax": True, "weights": "int8"}},
+     "-mask-softmax-int8"),
+    ({"classes": ["class1_0", "class2_1"], "options": {"reject_output": True, "weights": "fp16"}}, "-fp16-reject"),
+])
+def test_file_names_say_the_options(wide, body, suffix):
+    _, client = wide
+    meta = client.post("/models", json=body, headers=JSON).json()
+    by_class = "classes" in body
+    stem = "+".join(meta["labels"] if by_class else meta["tasks"])
+    r = client.post("/models", json=body)
+    assert r.headers["content-disposition"] == f'attachment; filename="poe-{stem}{suffix}.onnx"'
+
+
 def test_plan_points_are_what_their_files_do(wide, val, wide_pool):
     _, client = wide
     classes = list(wide_pool.taxonomy.classes)

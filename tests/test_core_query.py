@@ -185,3 +185,72 @@ def test_threshold_accepts_at_least_95_percent(n):
     t = np.float32(threshold_for(s))
     assert (s >= t).mean() >= 0.95
     assert (s >= t).sum() == n - int(0.05 * n)  # distinct scores: no more accepted than needed
+
+
+# -- the tail and metadata, written field by field ------------------------------------
+
+def _reference_tail(asm, q, output, reject):
+    """The tail as onnx.helper builds it, message by message."""
+    from onnx import TensorProto, helper
+
+    from poe_core.reject import reject_nodes
+    taxonomy = asm.pool.taxonomy
+    tail = onnx.GraphProto(name=("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200])
+    gather = q.gathers(taxonomy)
+    source = "student/logits" if q.method == "mask" else "concat" if gather else "logits"
+    if q.method != "mask":
+        tail.node.append(helper.make_node("Concat", [f"{t}/logits" for t in q.tasks], [source], name="concat", axis=1))
+    if gather:
+        tail.initializer.append(helper.make_tensor("gather/indices", TensorProto.INT64, [len(q.classes)],
+                                                   list(q.columns(taxonomy))))
+        tail.node.append(helper.make_node("Gather", [source, "gather/indices"], ["logits"], name="gather", axis=1))
+    if output == "probabilities":
+        tail.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
+    tail.input.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *asm.pool.image_shape]))
+    tail.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(q.classes)]))
+    if reject is not None:
+        nodes, initializers = reject_nodes(reject, "logits", "accepted")
+        tail.node.extend(nodes)
+        tail.initializer.extend(initializers)
+        tail.output.append(helper.make_tensor_value_info("accepted", TensorProto.BOOL, ["batch"]))
+    return tail.SerializeToString()
+
+
+def _reference_metadata(asm, q, output, weights, reject):
+    pool = asm.pool
+    props = {"poe.labels": json.dumps([pool.taxonomy.classes[c] for c in q.classes]),
+             "poe.tasks": json.dumps(list(q.tasks)),
+             "poe.task_classes": json.dumps({t: pool.taxonomy.class_names(t) for t in q.tasks}),
+             "poe.input": json.dumps({"name": "input", "layout": "NCHW", "color": "RGB",
+                                      "shape": ["batch", *pool.image_shape],
+                                      "scale": "pixel / 255, then (x - mean) / std",
+                                      **(pool.spec.dataset.preprocess or {})}),
+             "poe.mean": json.dumps(pool.mean), "poe.std": json.dumps(pool.std), "poe.output": output,
+             "poe.weights": weights, "poe.pool_id": pool.pool_id}
+    if q.method != "poe":
+        props["poe.method"] = q.method
+    if len(pool.widths) > 1 and q.method == "poe":
+        props["poe.widths"] = json.dumps(dict(zip(q.tasks, q.widths, strict=True)))
+    if reject is not None:
+        props["poe.reject"] = reject.to_json()
+    if asm.pool_version is not None:
+        props["poe.pool_version"] = asm.pool_version
+    meta = onnx.ModelProto()
+    for key, value in props.items():
+        meta.metadata_props.add(key=key, value=value)
+    return meta.SerializeToString()
+
+
+@pytest.mark.parametrize("method", ["poe", "mask"])
+def test_tail_and_metadata_are_the_bytes_protobuf_writes(wide_pool, method):
+    asm = Assembler(wide_pool, pool_version="7")
+    queries = [wide_pool.query(["task2", "task0"], method=method),
+               wide_pool.query(["task1"], ["class0_1"], method=method),
+               wide_pool.query(classes=["class2_1", "class0_0"], method=method)]
+    if method == "poe":
+        queries.append(wide_pool.query(["task0", "task2"], widths={"task2": 0.5}))
+    for q in queries:
+        for output in ("logits", "probabilities"):
+            for rule in (None, wide_pool.reject_rule(q, "fp32")):
+                assert asm._tail(q, output, rule) == _reference_tail(asm, q, output, rule)
+                assert asm._metadata(q, output, "int8", rule) == _reference_metadata(asm, q, output, "int8", rule)

@@ -20,7 +20,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
 
 from app.deps import ServicesDep
 from app.errors import InvalidTasks, NotFound
@@ -139,14 +138,28 @@ def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str, str]:
     return query, request.options.format, model_id(served, query)
 
 
-async def _model(request: Request, served: ServedPool, query: ModelQuery, file_format: str,
+async def _model(serving, served: ServedPool, query: ModelQuery, file_format: str,
                  ident: str | None = None) -> ServedModel:
-    serving = request.app.state.services.serving
     served.require(query.tasks)
     served.pool.require_format(query.weights)
     model = serving.models.get(served, query, ident)
     serving.counts.count(served.version, query.tasks)
     return await serving.ort.get(model) if file_format == "ort" else model
+
+
+async def _posted(serving, body: bytes) -> ServedModel:
+    """The model a POST /models body asks for, from the active pool. A body seen
+    recently is looked up with the query it parsed to."""
+    pools = serving.pools
+    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
+    key = (served.version, body)
+    parsed = serving.queries.get(key)
+    if parsed is None:
+        parsed = _parse(served, body)
+        if len(body) <= MEMO_BODY_BYTES:
+            serving.queries[key] = parsed
+    query, file_format, ident = parsed
+    return await _model(serving, served, query, file_format, ident)
 
 
 @router.post(
@@ -161,19 +174,9 @@ async def _model(request: Request, served: ServedPool, query: ModelQuery, file_f
                503: {"model": Error, "description": "No active pool, a damaged part of it, or busy converting"}},
 )
 async def create_model(request: Request) -> Response:
-    # app.state, not Depends: this is the hot path (see the module's docstring).
-    serving = request.app.state.services.serving
-    pools = serving.pools
-    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
-    body = await request.body()
-    key = (served.version, body)
-    parsed = serving.queries.get(key)
-    if parsed is None:
-        parsed = _parse(served, body)
-        if len(body) <= MEMO_BODY_BYTES:
-            serving.queries[key] = parsed
-    query, file_format, ident = parsed
-    model = await _model(request, served, query, file_format, ident)
+    # app.state, not Depends (see the module's docstring); FastLane answers most requests
+    # before they get here.
+    model = await _posted(request.app.state.services.serving, await request.body())
     if wants_json(request.headers.get("accept")):
         return _metadata(request, model)
     return ModelFile(model)
@@ -208,7 +211,7 @@ async def _resolve(services, ident: str) -> tuple[ServedPool, ModelQuery]:
             responses={404: {"model": Error}, 503: {"model": Error}})
 async def get_model(model_id: str, request: Request, services: ServicesDep) -> Response:
     served, query = await _resolve(services, model_id)
-    return _metadata(request, await _model(request, served, query, "onnx"))
+    return _metadata(request, await _model(services.serving, served, query, "onnx"))
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -226,7 +229,7 @@ async def download_model(model_id: str, request: Request, services: ServicesDep,
                          if_none_match: Annotated[str | None, Header()] = None,
                          format: Annotated[Literal["onnx", "ort"], Query()] = "onnx") -> Response:
     served, query = await _resolve(services, model_id)
-    model = await _model(request, served, query, format)
+    model = await _model(services.serving, served, query, format)
     if _matches(if_none_match, model.etag):
         return Response(status_code=304, headers=model.headers)
     return Response(model.data, media_type=ONNX, headers=model.headers)
@@ -296,11 +299,13 @@ async def plan_models(request: Request, size: Annotated[Literal["params", "bytes
 
 
 class FastLane:
-    """POST /models straight to its handler, before FastAPI's middleware stack, routing,
-    dependency solving and per-request bookkeeping: well over half the cost of a cached
-    answer. Only a body of a stated length within the limit takes the lane; a chunked or
-    oversized one, and every request the handler raises an error for (its body replayed),
-    go the ordinary way, through the body limit and the error handlers."""
+    """POST /models answered with its file at the ASGI level, before FastAPI's middleware
+    stack, routing, dependency solving and Starlette's request and response objects:
+    well over half the cost of a cached answer. Only a body of a stated length within the
+    limit takes the lane, and only for a file answer; a chunked or oversized body, a
+    request for JSON metadata, and every request the lane cannot answer with a model (its
+    body replayed) go the ordinary way, through the body limit and the error handlers,
+    where create_model raises the same error for its handler to answer."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -309,24 +314,41 @@ class FastLane:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/models":
             return await self.app(scope, receive, send)
-        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        length = accept = b""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"accept":
+                accept = value
         if not length.isdigit() or int(length) > self.max_bytes:
             return await self.app(scope, receive, send)
-        request = Request(scope, receive)
-        try:
-            response = await create_model(request)
-        except ClientDisconnect:
-            return
-        except Exception:
-            body = await request.body()  # read already: handed on as it was received
-            sent = False
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if not accept or not wants_json(accept.decode("latin-1")):
+            try:
+                model = await _posted(scope["app"].state.services.serving, body)
+            except Exception:
+                model = None
+            if model is not None:
+                await send({"type": "http.response.start", "status": 200, "headers": model.raw_headers})
+                # One message: sending the assembled pieces one by one (no join) measured
+                # slower under load in uvicorn than the copy it saves.
+                await send({"type": "http.response.body", "body": model.data})
+                return
+        sent = False
 
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-            return await self.app(scope, replay, send)
-        await response(scope, receive, send)
+        return await self.app(scope, replay, send)

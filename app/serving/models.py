@@ -239,17 +239,17 @@ class ModelInfo:
 
 def file_name(query: Query, labels: Sequence[str], ident: str, file_format: str) -> str:
     """The download's name: its tasks, or its classes when it outputs other than whole
-    tasks, and its options."""
-    m, parsed = query.model, parse_model_id(ident)
-    names = labels if parsed.subject.startswith("c") else m.tasks
+    tasks, and its options (read from the id's dash-separated fields, see model_id)."""
+    m, fields = query.model, ident.split("-")
+    by_class = fields[2].startswith("c")
+    names = labels if by_class else m.tasks
     stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(names))
     if len(stem) > 80:
-        kind = "classes" if parsed.subject.startswith("c") else "tasks"
-        stem = f"{len(names)}-{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
-    suffix = ("-mask" if parsed.mask else "") + \
-             ("" if parsed.widths is None else "-ks" + "_".join(f"{w:g}" for w in parsed.widths)) + \
+        stem = f"{len(names)}-{'classes' if by_class else 'tasks'}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+    widths = next((f[1:] for f in fields[5:] if f.startswith("w")), None)
+    suffix = ("-mask" if m.method == "mask" else "") + ("" if widths is None else "-ks" + widths) + \
              ("-softmax" if query.output == "probabilities" else "") + \
-             ("" if query.weights == "fp32" else f"-{query.weights}") + ("-reject" if parsed.reject_output else "")
+             ("" if query.weights == "fp32" else f"-{query.weights}") + ("-reject" if query.reject_output else "")
     return f"poe-{stem}{suffix}.{file_format}"
 
 
