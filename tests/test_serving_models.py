@@ -40,6 +40,27 @@ def test_the_model_cache_is_bounded_in_bytes(served):
     assert tiny.get(served, resolve(served, ["task1"])).data and len(tiny) == 0
 
 
+def test_a_model_is_kept_the_second_time_it_is_asked_for(served):
+    size = len(served.assembler.assemble(["task0"]).data)
+    cache = ModelCache(max_bytes=size * 4)  # room for three models of about that size
+    popular = [resolve(served, ["task0"]), resolve(served, ["task1"])]
+    for q in popular:
+        first = cache.get(served, q)
+        assert len(cache) == popular.index(q)  # asked once: answered, not kept
+        assert cache.get(served, q) is first  # asked again right away: the last model assembled, now kept
+    assert len(cache) == 2 and cache.assemblies == 2
+    one_offs = [resolve(served, c, softmax=s) for k in (1, 2, 3) for c in itertools.combinations(served.tasks, k)
+                for s in (False, True)]
+    for q in one_offs:  # asked once each: none of them displaces a model asked for twice
+        if q not in popular:
+            cache.get(served, q)
+    before = cache.assemblies
+    assert all(cache.get(served, q) for q in popular) and cache.assemblies == before and len(cache) == 2
+    again = next(q for q in one_offs if q not in popular)
+    cache.get(served, again)  # its second ask: assembled again (not the last one), now kept
+    assert cache.assemblies == before + 1 and len(cache) == 3
+
+
 def test_ort_conversions_happen_once_and_are_bounded(served):
     models = ModelCache(max_bytes=1 << 24)
     model = models.get(served, resolve(served, ["task0", "task1"]))
