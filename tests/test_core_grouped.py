@@ -19,6 +19,14 @@ def networks(work_dir):
     return load_wrn(work_dir, "oracle", 6), load_wrn(work_dir, "library", 6).library
 
 
+def _assert_same_heads(heads, expected):
+    """Weights and batch-norm statistics equal up to float rounding."""
+    assert set(heads) == set(expected)
+    for name, head in expected.items():
+        for key, value in head.state_dict().items():
+            torch.testing.assert_close(heads[name].state_dict()[key], value, atol=1e-4, rtol=1e-4)
+
+
 def _heads(spec, channels):
     """Heads of two widths and two class counts: three architectures, so three groups."""
     heads = {f"a{i}": expert_head(spec, channels, 5, seed=i) for i in range(3)}
@@ -66,11 +74,9 @@ def test_grouped_training_equals_the_heads_one_by_one(networks, synthetic):
                                 widths=WIDTHS, grouped=True)
     alone, r2 = train_experts(library, oracle, synthetic, TASKS, plan.expert_spec, plan.expert_cfg,
                               widths=WIDTHS, grouped=False)
-    assert set(grouped) == set(alone) and len(grouped) == 6
-    for name, head in alone.items():
-        assert type(grouped[name]) is type(head)
-        for key, value in head.state_dict().items():
-            torch.testing.assert_close(grouped[name].state_dict()[key], value, atol=1e-4, rtol=1e-4)
+    assert len(grouped) == 6
+    assert all(type(grouped[name]) is type(head) for name, head in alone.items())
+    _assert_same_heads(grouped, alone)
     assert r1.best_val_acc == pytest.approx(r2.best_val_acc, abs=1e-4)
     assert r1.best_epoch == r2.best_epoch
     assert [h["loss"] for h in r1.history] == pytest.approx([h["loss"] for h in r2.history], rel=1e-4)
@@ -86,9 +92,7 @@ def test_grouped_heads_keep_each_heads_own_loss(networks, synthetic):
              "ckd": HeadTarget((2, 3), "ckd", 3), "composite": HeadTarget((0, 1, 2, 3), "ckd", 4)}
     grouped, r1 = train_heads(library, oracle, synthetic, heads, plan.expert_spec, plan.expert_cfg, grouped=True)
     alone, r2 = train_heads(library, oracle, synthetic, heads, plan.expert_spec, plan.expert_cfg, grouped=False)
-    for name, head in alone.items():
-        for key, value in head.state_dict().items():
-            torch.testing.assert_close(grouped[name].state_dict()[key], value, atol=1e-4, rtol=1e-4)
+    _assert_same_heads(grouped, alone)
     assert r1.best_val_acc == pytest.approx(r2.best_val_acc, abs=1e-4)
 
 
@@ -119,7 +123,5 @@ def test_an_interrupted_run_resumes_grouped_or_not(tmp_path, networks, synthetic
     resumed, result = train_experts(library, oracle, synthetic, TASKS, plan.expert_spec, cfg, widths=WIDTHS,
                                     checkpoint=ckpt, grouped=then)
     assert result.epochs == 3 and len(result.history) == 3
-    for name, head in full.items():
-        for key, value in head.state_dict().items():
-            torch.testing.assert_close(resumed[name].state_dict()[key], value, atol=1e-4, rtol=1e-4)
+    _assert_same_heads(resumed, full)
     assert result.best_val_acc == pytest.approx(full_result.best_val_acc, abs=1e-4)
