@@ -1,9 +1,7 @@
-"""Extraction speed on CIFAR-100: the logit bank vs. the live oracle, joint vs. one-at-a-time experts,
-grouped vs. per-head expert heads.
+"""Extraction speed on CIFAR-100: the logit bank vs. the live oracle, joint vs. one-at-a-time experts.
 
     python benchmarks/extraction.py bank  [--work var/cifar-work] [--train-images 5120] [--views 8]
     python benchmarks/extraction.py joint  --work var/cifar-work  [--train-images 5120] [--epochs 1]
-    python benchmarks/extraction.py experts [--work var/cifar-work] [--train-images 2560] [--threads 1]
 
 `bank`: one epoch of the library phase (KD of a WRN-16-(1,1) student) and one of the
 experts phase (CKD, 20 experts) with the oracle run on every batch, then the same
@@ -18,15 +16,8 @@ the shipped architectures (oracle WRN-16-(4,4)).
 images: all in one pass (oracle and library run once per batch) and each alone (the
 paper's loop); prints both wall times, the speed-up and both validation accuracies.
 
-`experts`: one epoch of the experts phase on the library's stored features (one stored
-view; the oracle's targets are random logits, which time the same), for 20 experts at
-ks 0.25, 0.5 and 1 and for all three widths at once, with the heads run one by one and
-as grouped networks (poe_core.grouped), each pair back to back; prints both epoch times
-(validation included) and their ratio. The library is the work directory's or an
-untrained WRN-16-(1,1).
-
 Every run prints the machine it ran on first (CPU model, cores, native bf16, the
-precision `auto` chose, the torch threads).
+precision `auto` chose).
 """
 
 from __future__ import annotations
@@ -37,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from poe_core.bank import LogitBank, ViewRecipe, build_bank, build_features
+from poe_core.bank import ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, Splits, load_cifar100_npy
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.extract import load_oracle, load_wrn, phase_done
@@ -51,7 +42,7 @@ EXPERT = WRNSpec(16, 1, 0.25)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["bank", "joint", "experts"])
+    parser.add_argument("mode", choices=["bank", "joint"])
     parser.add_argument("--work", type=Path, help="extraction work dir with oracle (+ library)")
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/cifar100"))
     parser.add_argument("--epochs", type=int, default=1)
@@ -61,24 +52,18 @@ def main() -> None:
                         help="validate on this many validation images")
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--views", type=int, default=8, help="bank: augmented views per image")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     device = pick_device()
     machine = machine_summary(device)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}, "
-          f"device {machine['device']}, precision auto -> {resolve_precision('auto', device.type)}, "
-          f"{torch.get_num_threads()} torch threads", flush=True)
+          f"device {machine['device']}, precision auto -> {resolve_precision('auto', device.type)}", flush=True)
     splits = _subset(load_cifar100_npy(args.data), args.train_images, args.val_images)
     cfg = TrainConfig(epochs=args.epochs, lr=0.05)
     if args.mode == "bank":
         bank_vs_live(args, splits, cfg, device)
-    elif args.mode == "joint":
-        joint_vs_alone(args, splits, cfg)
     else:
-        grouped_vs_separate(args, splits, cfg, device)
+        joint_vs_alone(args, splits, cfg)
 
 
 def _subset(splits: Splits, train: int, val: int) -> Splits:
@@ -106,22 +91,16 @@ def _networks(args, splits: Splits, device: torch.device):
     return oracle, library, source
 
 
-def _warm_up_splits(splits: Splits) -> Splits:
-    """A few images, for a first run that keeps one-off kernel set-up out of the timings."""
-    n, v = min(256, len(splits.train)), min(100, len(splits.val))
-    return Splits(splits.train.subset(torch.arange(n)), splits.val.subset(torch.arange(v)), None,
-                  splits.taxonomy, splits.mean, splits.std, splits.name)
-
-
 def _epoch_seconds(result) -> float:
-    return result.seconds / result.epochs
+    return sum(h["seconds"] for h in result.history) / len(result.history)
 
 
 def bank_vs_live(args, splits: Splits, cfg: TrainConfig, device: torch.device) -> None:
     oracle, library, source = _networks(args, splits, device)
     tasks = splits.taxonomy.task_names[:args.tasks]
     print(f"oracle: {source}; {len(splits.train)} training images, {args.tasks} experts", flush=True)
-    warm = _warm_up_splits(splits)
+    warm = Splits(splits.train.subset(torch.arange(256)), splits.val.subset(torch.arange(100)), None,
+                  splits.taxonomy, splits.mean, splits.std, splits.name)
     train_library(oracle.module, warm, LIBRARY, cfg)  # one-off kernel set-up out of the timings
 
     _, live_library = train_library(oracle.module, splits, LIBRARY, cfg)
@@ -159,7 +138,8 @@ def joint_vs_alone(args, splits: Splits, cfg: TrainConfig) -> None:
     oracle = load_wrn(args.work, "oracle", 100)
     library = load_wrn(args.work, "library", 100).library
     tasks = splits.taxonomy.task_names[:args.tasks]
-    warm = _warm_up_splits(splits)
+    warm = Splits(splits.train.subset(torch.arange(256)), splits.val.subset(torch.arange(100)), None,
+                  splits.taxonomy, splits.mean, splits.std, splits.name)
     train_experts(library, oracle, warm, tasks[:2], EXPERT, cfg)
 
     t0 = time.perf_counter()
@@ -181,36 +161,6 @@ def joint_vs_alone(args, splits: Splits, cfg: TrainConfig) -> None:
     gap = 100 * (_mean(joint.best_val_acc) - _mean(alone_acc))
     print(f"speed-up {alone_s / joint_s:.1f}x; accuracy difference {gap:+.2f} points "
           f"(largest per expert {100 * diff:.2f})")
-
-
-def grouped_vs_separate(args, splits: Splits, cfg: TrainConfig, device: torch.device) -> None:
-    _, library, _ = _networks(args, splits, device)
-    tasks = splits.taxonomy.task_names[:args.tasks]
-    recipe = ViewRecipe(1)
-    n = len(splits.train)
-    logits = torch.randn(1, n, len(splits.taxonomy.classes), generator=torch.Generator().manual_seed(0))
-    bank = LogitBank(logits.half(), recipe.parameters(n), recipe, "random-targets")
-    work = Path(args.work or "var/bench-bank")
-    bank = build_features(library.to(device), bank, splits.train, work, device=device,
-                          precision=resolve_precision("auto", device.type),
-                          normalize=Normalize(splits.mean, splits.std, device))
-    trained = args.work is not None and phase_done(args.work, "library")
-    print(f"library: {'of ' + str(args.work) if trained else 'untrained'} {LIBRARY}; {n} training images "
-          f"(stored features, 1 view), {len(splits.val)} validation images, {len(tasks)} experts per width",
-          flush=True)
-    warm = _warm_up_splits(splits)
-    w = len(warm.train)
-    warm_bank = LogitBank(bank.logits[:, :w], bank.views[:, :w], recipe, bank.key, bank.features[:, :w])
-    for grouped in (False, True):  # one-off kernel set-up out of the timings
-        train_experts(library, warm_bank, warm, tasks, EXPERT, cfg, widths=[0.25, 0.5, 1], grouped=grouped)
-    for widths in ([0.25], [0.5], [1], [0.25, 0.5, 1]):
-        seconds = {}
-        for grouped in (False, True):
-            _, result = train_experts(library, bank, splits, tasks, EXPERT, cfg, widths=widths, grouped=grouped)
-            seconds[grouped] = _epoch_seconds(result)
-        label = "ks " + ", ".join(f"{ks:g}" for ks in widths)
-        print(f"{label:>18}: experts epoch one by one {seconds[False]:6.1f} s, grouped {seconds[True]:6.1f} s, "
-              f"grouped/one by one {seconds[True] / seconds[False]:.2f}", flush=True)
 
 
 def _mean(d: dict) -> float:

@@ -10,9 +10,7 @@ Experts train jointly: per batch the oracle and the frozen library run once, and
 expert head takes its own CKD loss on the same features. The loss is the sum of the
 experts' losses and their parameters are disjoint, so each head receives exactly the
 gradient it would receive if trained alone; the joint pass is the paper's method, only
-without re-running the oracle and the library once per expert. The heads of one
-architecture can also run as one grouped network (poe_core.grouped): the same heads
-again, in fewer and larger operations.
+without re-running the oracle and the library once per expert.
 
 Under torchrun the loop is data-parallel: each process trains on its slice of every
 batch (see poe_core.distributed).
@@ -38,7 +36,6 @@ from poe_core.checkpoint import checkpoint_exists, load_checkpoint, save_checkpo
 from poe_core.data import ImageSet, Normalize, Splits, batches
 from poe_core.device import autocast, pick_device, resolve_precision
 from poe_core.evaluate import accuracy, predict, task_specific_accuracy
-from poe_core.grouped import HeadGroups, groupable
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
 from poe_core.nets import ArchSpec, BranchedModel, ExpertHead, Library, Network, expert_head, init_weights
 from poe_core.recipe import Progress, ProgressFn, TrainConfig
@@ -101,24 +98,18 @@ def _fit(
     checkpoint: Path | None,
     progress: ProgressFn | None,
     bank: LogitBank | None = None,
-    groups: HeadGroups | None = None,
 ) -> PhaseResult:
     """Train `trainables` for cfg.epochs and load each one's best-on-validation weights
     (with `validate=None`, for a model that trains on the validation images too, the
     last epoch's). `step_loss(x, y, t)` gets the bank's oracle logits `t` for the batch
     when training from a logit bank, else None.
 
-    With `groups` (expert heads as grouped networks, poe_core.grouped) the steps train
-    the groups; the trainables are the heads, written back after every epoch, so
-    validation, selection and checkpoints (the optimizer's state too) stay per head.
-
     Under torchrun (see poe_core.distributed) each rank trains on its slice of every
     batch; rank 0 alone validates and writes the checkpoint, and only its returned
     modules are the phase's result."""
     device = pick_device(cfg.device)
     precision = _precision(cfg)
-    trained = trainables if groups is None else {"groups": groups}
-    params = [p for m in trained.values() for p in m.parameters()]
+    params = [p for m in trainables.values() for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=True)
     steps = math.ceil(len(splits.train) / cfg.batch_size)
@@ -137,22 +128,18 @@ def _fit(
             m.load_state_dict(state["modules"][n])
             # Without validation the best state is the current one and is not stored twice.
             best_states[n] = _clone_state(m) if state["best_states"] is None else state["best_states"][n]
-        optimizer = state["optimizer"]
-        if groups is not None:
-            groups.load_heads()
-            optimizer = groups.optimizer_state_from_heads(optimizer)
-        opt.load_state_dict(optimizer)
+        opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         result = PhaseResult(state["best_val_acc"], state["best_epoch"], state["history"],
                              state["seconds"], state["epoch"])
         start_epoch = state["epoch"] + 1
         log.info("%s: resuming after epoch %d from %s", phase, state["epoch"], checkpoint)
-    train_step = distributed.data_parallel(trained, step_loss)
+    train_step = distributed.data_parallel(trainables, step_loss)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        for m in trained.values():
+        for m in trainables.values():
             m.train()
         total, count = 0.0, 0
         seed = cfg.seed * 100_003 + epoch
@@ -177,8 +164,6 @@ def _fit(
             if progress is not None and (step % 10 == 0 or step == steps):
                 progress(Progress(phase, epoch, cfg.epochs, step, steps, total / count))
         total, count = distributed.all_sum(total, count)
-        if groups is not None:
-            groups.store_heads()
         val = validate() if validate is not None and distributed.is_main() else {}
         if validate is None:
             best_states = {n: _clone_state(m) for n, m in trainables.items()}
@@ -200,7 +185,7 @@ def _fit(
                 "epoch": epoch,
                 "modules": {n: m.state_dict() for n, m in trainables.items()},
                 "best_states": best_states if validate is not None else None,
-                "optimizer": opt.state_dict() if groups is None else groups.optimizer_state_to_heads(opt.state_dict()),
+                "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "best_val_acc": result.best_val_acc,
@@ -300,13 +285,12 @@ def expert_name(task: str, ks: float) -> str:
 def train_experts(
     library: Library, teacher: Teacher, splits: Splits, tasks: Sequence[str], spec: ArchSpec,
     cfg: TrainConfig, *, widths: Sequence[float] | None = None, checkpoint: Path | None = None,
-    progress: ProgressFn | None = None, grouped: bool | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
     """One expert per primitive task by conditional KD, all in one pass (see module doc);
     with `widths`, one per task and width, named `task@ks`, else one at spec.ks named
-    `task` (`grouped`: see train_heads). An expert's initial weights depend only on the
-    seed, its task's position in the taxonomy and its width, so training it alone or
-    with others, grouped or not, gives the same expert."""
+    `task`. An expert's initial weights depend only on the seed, its task's position in
+    the taxonomy and its width, so training it alone or with others gives the same expert."""
     names = splits.taxonomy.task_names
     if widths is None:
         heads = {t: HeadTarget(splits.taxonomy.tasks[t], "ckd", cfg.seed * 1000 + names.index(t)) for t in tasks}
@@ -314,24 +298,18 @@ def train_experts(
         heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd",
                                                 cfg.seed * 1000 + names.index(t) + 1_000_003 * w, ks)
                  for w, ks in enumerate(widths) for t in tasks}
-    return train_heads(library, teacher, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress,
-                       grouped=grouped)
+    return train_heads(library, teacher, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress)
 
 
 def train_heads(
     library: Library, teacher: Teacher, splits: Splits, heads: Mapping[str, HeadTarget],
     spec: ArchSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
-    progress: ProgressFn | None = None, grouped: bool | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
     """Heads on the frozen library (weights and BN statistics), distilled from the
     oracle on all training images; each is selected on its own task-specific validation
     accuracy. Heads may target any class set (a composite task too) and any loss of the
-    ablation; they share the oracle and library forward passes.
-
-    `grouped` runs the heads of each architecture as one grouped network
-    (poe_core.grouped): the same heads, in fewer and larger operations. None chooses
-    it on CUDA only, where tiny heads are bound by kernel launches; on a CPU the heads
-    one by one measured faster (`benchmarks/extraction.py experts`)."""
+    ablation; they share the oracle and library forward passes."""
     device = pick_device(cfg.device)
     library = _freeze(_prepare(library, cfg))
     oracle = _live(teacher, cfg)
@@ -340,21 +318,10 @@ def train_heads(
                                    library.out_channels, len(h.classes), seed=h.seed), cfg)
         for name, h in heads.items()
     }
+    columns = {name: torch.tensor(h.classes, device=device) for name, h in heads.items()}
     bad = {h.loss for h in heads.values()} - {"ckd", "soft", "scale"}
     if bad:
         raise ValueError(f"unknown loss(es) {bad}; use ckd, soft or scale")
-    if grouped is None:
-        grouped = device.type == "cuda"
-    groups = (_prepare(HeadGroups(experts), cfg)
-              if grouped and all(groupable(h) for h in experts.values()) else None)
-    together = groups.names if groups is not None else [[name] for name in experts]
-    targets = {tuple(names): _loss_targets(names, heads, device) for names in together}
-
-    def forward(features: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
-        """The heads' logits (N, heads, K), per set of heads run together."""
-        if groups is not None:
-            return groups(features)
-        return [([name], head(features)[:, None]) for name, head in experts.items()]
 
     # A bank with the library's features (poe_core.bank.build_features) hands them over as x.
     precomputed = oracle is None and teacher.features is not None
@@ -365,49 +332,27 @@ def train_heads(
             if t is None:
                 t = oracle(x)
         total = 0
-        for names, out in forward(features):
-            for kind, at, columns in targets[tuple(names)]:
-                total = total + _summed_loss(kind, out if at is None else out[:, at], t[:, columns], cfg)
+        for name, head in experts.items():
+            target, out, kind = t[:, columns[name]], head(features), heads[name].loss
+            if kind == "scale":
+                total = total + scale_loss(out, target)
+            else:
+                total = total + ckd_loss(out, target, cfg.temperature, cfg.alpha if kind == "ckd" else 0.0)
         return total
 
-    val_features = []
-
     def validate():
-        if not val_features:  # the library is frozen: its features are computed once
-            val_features.append(_features(library, splits, cfg).to(device))
-        for m in (experts.values() if groups is None else [groups]):
-            m.eval()
-        with torch.no_grad(), autocast(device, _precision(cfg)):
-            outputs = forward(val_features[0])
-        return {name: task_specific_accuracy(logits[:, g].float().cpu(), splits.val.y, heads[name].classes)
-                for names, logits in outputs for g, name in enumerate(names)}
+        feats = _features(library, splits, cfg).to(device)
+        accs = {}
+        for name, head in experts.items():
+            head.eval()
+            with torch.no_grad(), autocast(device, _precision(cfg)):
+                logits = head(feats).float().cpu()
+            accs[name] = task_specific_accuracy(logits, splits.val.y, heads[name].classes)
+        return accs
 
     bank = teacher if oracle is None else None
-    result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress, bank, groups)
+    result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress, bank)
     return experts, result
-
-
-def _loss_targets(names: Sequence[str], heads: Mapping[str, HeadTarget], device: torch.device):
-    """Per loss among heads run together: the loss, the heads' positions (None: all of
-    them) and their oracle logit columns (heads, K)."""
-    kinds = [heads[n].loss for n in names]
-    parts = []
-    for kind in dict.fromkeys(kinds):
-        at = [i for i, k in enumerate(kinds) if k == kind]
-        columns = torch.tensor([heads[names[i]].classes for i in at], device=device)
-        parts.append((kind, None if len(at) == len(names) else torch.tensor(at, device=device), columns))
-    return parts
-
-
-def _summed_loss(kind: str, out: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The sum of each head's own loss, for logits and targets (N, heads, K). KD's batch
-    mean and L_scale's mean are per head, so the loss of the heads stacked along the
-    batch is their mean: times the number of heads, their sum."""
-    heads = out.shape[1]
-    out, target = out.flatten(0, 1), target.flatten(0, 1)
-    if kind == "scale":
-        return scale_loss(out, target) * heads
-    return ckd_loss(out, target, cfg.temperature, cfg.alpha if kind == "ckd" else 0.0) * heads
 
 
 def task_splits(splits: Splits, classes: Sequence[int]) -> Splits:
