@@ -163,8 +163,7 @@ def extract(
                     except OracleError as e:
                         fail(str(e))
                     if info.get("val_acc") and main:
-                        console.print(f"{p}: best validation accuracy {_fmt(info['val_acc'])} "
-                                      f"({info['seconds']:.0f} s)")
+                        console.print(f"{p}: {_fmt(info['val_acc'])} ({info['seconds']:.0f} s)")
         if out is not None and main:
             from poe_core.pool import build_pool_from_work
 
@@ -204,7 +203,10 @@ def _widths(text: str | None) -> list[float] | None:
 
 def _fmt(val_acc: dict) -> str:
     values = list(val_acc.values())
-    return f"{sum(values) / len(values):.2%}" + (" (mean over experts)" if len(values) > 1 else "")
+    if all(v < 0 for v in values):  # the phase's sentinel: it trained on the validation images too
+        return "no validation accuracy (trained on the validation images too)"
+    return (f"best validation accuracy {sum(values) / len(values):.2%}"
+            + (" (mean over experts)" if len(values) > 1 else ""))
 
 
 def _load(data, data_path, hierarchy, val_per_class, seed, download, size=32, resize=None):

@@ -93,3 +93,12 @@ def test_eval_on_the_test_photos_of_an_image_folder(photo_pool_64, tasks, tmp_pa
     r = CliRunner().invoke(app, [*base, "--data-path", str(named)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["accuracy"] == pytest.approx(expected)
+
+
+def test_an_oracle_trained_on_validation_reports_no_validation_accuracy(tmp_path):
+    tiny = ["--data", "synthetic", "--oracle-arch", "10,1,1", "--oracle-epochs", "1", "--batch-size", "16",
+            "--precision", "fp32", "--device", "cpu"]
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path), *tiny, "--phase", "oracle", "--oracle-with-val"])
+    assert r.exit_code == 0, r.output
+    assert "oracle: no validation accuracy (trained on the validation images too)" in r.output
+    assert "-100" not in r.output
