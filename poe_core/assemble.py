@@ -312,9 +312,8 @@ def _entry(key: str, value: str) -> bytes:
 
 
 def _entry_size(key: str, value_bytes: int) -> int:
-    """Serialized size of one metadata entry (ModelProto field 14: key 1, value 2)."""
-    entry = 1 + len(_varint(len(key))) + len(key) + 1 + len(_varint(value_bytes)) + value_bytes
-    return 1 + len(_varint(entry)) + entry
+    """Serialized size of one metadata entry whose value is `value_bytes` long."""
+    return len(_entry(key, "0" * value_bytes))
 
 
 def _widths_json(tasks: Sequence[str], widths: Sequence[float]) -> str:
