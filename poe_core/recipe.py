@@ -199,6 +199,8 @@ class LibraryOptions(_Strict):
     lr: float = Field(_DEFAULT.library_cfg.lr, gt=0, le=10)
     kd: Literal["kd", "standardized"] = Field(_DEFAULT.library_cfg.kd, description="kd: the paper's; "
                                               "standardized: KD on z-scored logits (Sun et al. 2024).")
+    temperature: float | None = Field(None, gt=0, description="KD temperature of the library phase; default the "
+                                      "shared temperature (z-scored logits want a lower one, e.g. 2).")
 
 
 class ExpertOptions(_Strict):
@@ -251,7 +253,9 @@ class ExtractionOptions(_Strict):
         return ExtractionPlan(
             o.arch.spec(), self.library.arch.spec(), self.experts.arch.spec(),
             TrainConfig(epochs=o.epochs, lr=o.lr, label_smoothing=self.label_smoothing, **common),
-            TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd, **common),
+            TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd,
+                        **common | ({} if self.library.temperature is None else
+                                    {"temperature": self.library.temperature})),
             TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, **common),
             self.tasks, o.with_val, self.experts.widths,
             ViewRecipe(self.bank_views, seed=self.seed) if self.bank_views else None, external,

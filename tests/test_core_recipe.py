@@ -17,7 +17,7 @@ def test_options_map_every_field_into_the_plan():
     options = ExtractionOptions.model_validate({
         "oracle": {"file": "models/theirs.onnx", "classes": "models/classes.txt", "mean": [0.5, 0.5, 0.5],
                    "std": [0.25, 0.25, 0.25]},
-        "library": {"epochs": 40, "lr": 0.2, "kd": "standardized"},
+        "library": {"epochs": 40, "lr": 0.2, "kd": "standardized", "temperature": 2},
         "experts": {"arch": {"depth": 16, "kc": 1, "ks": 0.5}, "widths": [0.25, 0.5, 1], "epochs": 30},
         "tasks": ["people", "trees"], "bank_views": 4, "precision": "fp32", "seed": 3,
     })
@@ -25,6 +25,7 @@ def test_options_map_every_field_into_the_plan():
     assert plan.oracle.path == Path("/data/models/theirs.onnx") and plan.oracle.kind == "onnx"
     assert plan.oracle.classes == Path("/data/models/classes.txt") and plan.oracle.std == (0.25, 0.25, 0.25)
     assert (plan.library_cfg.epochs, plan.library_cfg.lr, plan.library_cfg.kd) == (40, 0.2, "standardized")
+    assert (plan.library_cfg.temperature, plan.expert_cfg.temperature) == (2, 4)  # CKD keeps the shared one
     assert plan.expert_spec.ks == 0.5 and plan.widths == [0.25, 0.5, 1.0] and plan.expert_cfg.epochs == 30
     assert plan.bank == ViewRecipe(4, seed=3) and plan.tasks == ["people", "trees"]
     assert {plan.oracle_cfg.precision, plan.library_cfg.precision, plan.expert_cfg.precision} == {"fp32"}
@@ -38,6 +39,7 @@ def test_options_map_every_field_into_the_plan():
     ({"oracle": {"file": "o.onnx"}, "bank_views": 0}, "logit bank"),
     ({"oracle": {"file": "bad\x00.onnx"}}, "pattern"),
     ({"library": {"kd": "dkd"}}, "kd"),
+    ({"library": {"temperature": 0}}, "greater than 0"),
     ({"experts": {"widths": []}}, "at least 1"),
     ({"precision": "int4"}, "precision"),
     ({"bank_views": 65}, "less than or equal"),

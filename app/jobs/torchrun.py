@@ -60,7 +60,7 @@ def extract_args(request: ExtractionRequest, work: Path, phases: Sequence[str]) 
         if triple is not None:
             args += [flag, ",".join(map(repr, triple))]
     args += ["--library-arch", lib.arch.text(), "--library-epochs", str(lib.epochs), "--library-lr", repr(lib.lr),
-             "--library-kd", lib.kd,
+             "--library-kd", lib.kd, *(["--library-temperature", repr(lib.temperature)] if lib.temperature else []),
              "--expert-arch", exp.arch.text(), "--expert-epochs", str(exp.epochs), "--expert-lr", repr(exp.lr)]
     if exp.widths is not None:
         args += ["--expert-widths", ",".join(map(repr, exp.widths))]
