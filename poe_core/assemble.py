@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from poe_core.formats import FORMATS, FormatUnavailable, fp16_weights
-from poe_core.pool import LIBRARY_OUTPUT, STUDENT, Pool, part_key
+from poe_core.pool import LIBRARY_OUTPUT, QUERY_MEMO, STUDENT, Pool, part_key
 from poe_core.query import Query
 from poe_core.reject import RejectRule, reject_nodes
 
@@ -166,7 +167,7 @@ class Assembler:
         q = query if isinstance(query, Query) else self.pool.query(query)
         if reject_output and reject is None:
             raise ValueError("reject_output needs the query's reject rule (pool.reject_rule(query, weights))")
-        labels = tuple(self.pool.taxonomy.classes[c] for c in q.classes)
+        labels = self._of_query(q).labels
         output = "probabilities" if softmax else "logits"
         data = b"".join(self._pieces(q, weights, output, reject, reject_output))
         return AssembledModel(data, q.tasks, labels, output, weights, q.widths, q.method, reject)
@@ -201,13 +202,15 @@ class Assembler:
     def _pieces(self, q: Query, weights: str, output: str, reject: RejectRule | None,
                 reject_output: bool) -> list[bytes]:
         fragments = self.fragments(weights)
-        heads = [STUDENT] if q.method == "mask" else [part_key(t, w) for t, w in zip(q.tasks, q.widths, strict=True)]
-        graph = [fragments["library"], *(fragments[k] for k in heads),
+        graph = [fragments["library"], *(fragments[k] for k in self._of_query(q).heads),
                  self._tail(q, output, reject if reject_output else None)]
         return [self._headers[weights], _varint(GRAPH_FIELD << 3 | 2), _varint(sum(map(len, graph))), *graph,
                 self._metadata(q, output, weights, reject)]
 
     def _tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
+        return self._plain_tail(q, output) if reject is None else self._write_tail(q, output, reject)
+
+    def _write_tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
         """The GraphProto fields closing the graph, written field by field: the Concat
         (its per-task inputs and its fixed rest prepared when the Assembler is built), the
         Gather, Softmax and reject rule when asked for, the name, the input and outputs."""
@@ -249,13 +252,7 @@ class Assembler:
         """ModelProto.metadata_props, written entry by entry; the JSON values are joined
         from pieces json.dumps wrote for each class and task when the Assembler was
         built, so they are byte for byte json.dumps of the whole."""
-        props = [
-            _entry("poe.labels", "[" + ", ".join([self._class_json[c] for c in q.classes]) + "]"),
-            _entry("poe.tasks", "[" + ", ".join([self._task_json[t] for t in q.tasks]) + "]"),
-            _entry("poe.task_classes", "{" + ", ".join([self._task_classes_json[t] for t in q.tasks]) + "}"),
-            self._pool_entries,
-            self._choice_entries[output, weights],
-        ]
+        props = [self._of_query(q).entries, self._pool_entries, self._choice_entries[output, weights]]
         # Keys of the newer capabilities appear only where they say something, so that
         # a plain query's bytes stay those of earlier pools.
         if q.method != "poe":
@@ -267,8 +264,22 @@ class Assembler:
         props.append(self._version_entry)
         return b"".join(props)
 
+    def _query_pieces(self, q: Query) -> _QueryPieces:
+        """What an assembly takes from the query alone, whatever the file's options."""
+        entries = b"".join([
+            _entry("poe.labels", "[" + ", ".join([self._class_json[c] for c in q.classes]) + "]"),
+            _entry("poe.tasks", "[" + ", ".join([self._task_json[t] for t in q.tasks]) + "]"),
+            _entry("poe.task_classes", "{" + ", ".join([self._task_classes_json[t] for t in q.tasks]) + "}"),
+        ])
+        heads = (STUDENT,) if q.method == "mask" else tuple(map(part_key, q.tasks, q.widths))
+        return _QueryPieces(tuple(self.pool.taxonomy.classes[c] for c in q.classes), heads, entries)
+
     def _prepare_tail_and_metadata(self) -> None:
-        """The pieces of every tail and metadata that do not depend on the query."""
+        """The pieces of every tail and metadata that do not depend on the query, and
+        memos of those that depend on it but not on the file's options (a composite task
+        asked again in another format or output writes them once)."""
+        self._of_query = lru_cache(maxsize=QUERY_MEMO)(self._query_pieces)
+        self._plain_tail = lru_cache(maxsize=QUERY_MEMO)(lambda q, output: self._write_tail(q, output, None))
         pool, taxonomy = self.pool, self.pool.taxonomy
         tasks = taxonomy.task_names
         self._concat_inputs = {t: _field(1, f"{t}/logits".encode()) for t in tasks}
@@ -299,6 +310,13 @@ class Assembler:
                                 for output in ("logits", "probabilities") for weights in FORMATS}
         self._version_entry = b"" if self.pool_version is None else _entry("poe.pool_version",
                                                                            str(self.pool_version))
+
+
+@dataclass(frozen=True)
+class _QueryPieces:
+    labels: tuple[str, ...]  # the output classes' names
+    heads: tuple[str, ...]  # the parts after the library, by part key
+    entries: bytes  # poe.labels, poe.tasks, poe.task_classes
 
 
 def _field(number: int, payload: bytes) -> bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = ["LIBRARY_OUTPUT", "STUDENT", "Pool", "PoolError", "Unavailable", "loa
 
 LIBRARY_OUTPUT = "features"
 STUDENT = "student"
+QUERY_MEMO = 4096  # queries Pool.query remembers
 
 
 class PoolError(Exception):
@@ -137,7 +138,24 @@ class Pool:
     def query(self, tasks: Sequence[str] = (), classes: Sequence[str] = (), *, method: str = "poe",
               widths: Mapping[str, float] | None = None) -> Query:
         """The Query for tasks and/or classes (see poe_core.query); TaskError if it names
-        an unknown task or class, Unavailable if the pool lacks a width or the student."""
+        an unknown task or class, Unavailable if the pool lacks a width or the student.
+        The last QUERY_MEMO queries are remembered (a composite task asked again, in any
+        file option, resolves once); a refused one is not."""
+        try:
+            key = (tasks if isinstance(tasks, str) else tuple(tasks),
+                   classes if isinstance(classes, str) else tuple(classes), method,
+                   tuple(widths.items()) if widths else ())
+            hash(key)
+        except (TypeError, AttributeError):  # not hashable: resolve_query says what is wrong
+            return self._query(tasks, classes, method, widths)
+        return self._memo(*key)
+
+    @cached_property
+    def _memo(self):
+        return lru_cache(maxsize=QUERY_MEMO)(lambda tasks, classes, method, widths:
+                                             self._query(tasks, classes, method, dict(widths) or None))
+
+    def _query(self, tasks, classes, method: str, widths: Mapping[str, float] | None) -> Query:
         q = resolve_query(self.taxonomy, tasks, classes, method=method, widths=widths,
                           default_width=self.default_width)
         if method == "mask":

@@ -254,3 +254,24 @@ def test_tail_and_metadata_are_the_bytes_protobuf_writes(wide_pool, method):
             for rule in (None, wide_pool.reject_rule(q, "fp32")):
                 assert asm._tail(q, output, rule) == _reference_tail(asm, q, output, rule)
                 assert asm._metadata(q, output, "int8", rule) == _reference_metadata(asm, q, output, "int8", rule)
+
+
+def test_a_query_asked_again_resolves_once_and_a_refused_one_is_refused_again(pool):
+    first = pool.query(["task1", "task0"], method="poe")
+    assert pool.query(("task1", "task0")) is first  # remembered, whatever the sequence type
+    for _ in range(2):
+        with pytest.raises(TaskError, match="nope"):
+            pool.query(["task0", "nope"])
+
+
+def test_an_assembly_from_remembered_pieces_is_the_same_model_in_every_option(pool):
+    asm = Assembler(pool)
+    q = pool.query(["task2", "task0"])
+    for softmax in (False, True, False):
+        for weights in ("fp32", "int8", "fp32"):
+            model = asm.assemble(q, softmax=softmax, weights=weights)
+            fresh = Assembler(pool).assemble(q, softmax=softmax, weights=weights)
+            assert model.data == fresh.data and model.labels == fresh.labels
+            meta = _meta(model.data)
+            assert json.loads(meta["poe.tasks"]) == ["task2", "task0"]
+            assert meta["poe.output"] == ("probabilities" if softmax else "logits")

@@ -114,13 +114,17 @@ def _whole_tasks(served: ServedPool, model: Composite) -> bool:
             and list(model.classes) == served.pool.taxonomy.composite_classes(model.tasks))
 
 
+def subject(served: ServedPool, m: Composite) -> str:
+    """What a model id says of its composite model: the task mask, and its classes when it
+    outputs other than whole tasks."""
+    position = served.positions
+    mask = f"{sum(1 << position[t] for t in m.tasks):x}"
+    return mask if _whole_tasks(served, m) else "c" + ".".join(map(str, m.classes)) + "t" + mask
+
+
 def model_id(served: ServedPool, query: Query) -> str:
     m = query.model
-    position = served.positions
-    subject = f"{sum(1 << position[t] for t in m.tasks):x}"
-    if not _whole_tasks(served, m):
-        subject = "c" + ".".join(map(str, m.classes)) + "t" + subject
-    ident = f"{served.version}-{served.pool_id[:8]}-{subject}-{query.output}-{query.weights}"
+    ident = f"{served.version}-{served.pool_id[:8]}-{served.subject(m)}-{query.output}-{query.weights}"
     if m.method == "mask":
         ident += "-mask"
     default = served.pool.default_width

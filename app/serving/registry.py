@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from app.store.tables import PoolVersion
 from poe_core.assemble import Assembler
 from poe_core.formats import FORMATS
 from poe_core.manifest import Manifest, parse_manifest
-from poe_core.pool import STUDENT, Pool, PoolError, load_pool, part_key
+from poe_core.pool import QUERY_MEMO, STUDENT, Pool, PoolError, load_pool, part_key
 from poe_core.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ class ServedPool:
     def positions(self) -> dict[str, int]:
         """Each primitive task's place in the pool's order (its bit in model ids)."""
         return {t: i for i, t in enumerate(self.tasks)}
+
+    @cached_property
+    def subject(self):
+        """The subject part of model ids (app.serving.models.subject), remembered per composite model."""
+        from app.serving.models import subject
+
+        return lru_cache(maxsize=QUERY_MEMO)(lambda m: subject(self, m))
 
     def require(self, tasks) -> None:
         """Raise PoolUnavailable, naming the file, if a validated task's expert is damaged."""
