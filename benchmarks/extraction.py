@@ -30,7 +30,7 @@ import torch
 
 from poe_core.bank import ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, Splits, load_cifar100_npy
-from poe_core.device import machine_summary, pick_device, resolve_precision
+from poe_core.device import machine_line, pick_device, resolve_precision
 from poe_core.extract import load_oracle, load_wrn, phase_done
 from poe_core.nets import Network, WRNSpec
 from poe_core.oracle import from_module
@@ -55,9 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device()
-    machine = machine_summary(device)
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}, "
-          f"device {machine['device']}, precision auto -> {resolve_precision('auto', device.type)}", flush=True)
+    print(machine_line(device), flush=True)
     splits = _subset(load_cifar100_npy(args.data), args.train_images, args.val_images)
     cfg = TrainConfig(epochs=args.epochs, lr=0.05)
     if args.mode == "bank":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from poe_core.bank import ViewRecipe, build_bank
 from poe_core.data import load_cifar100_npy
-from poe_core.device import machine_summary, pick_device, resolve_precision
+from poe_core.device import cpu_model, machine_line, pick_device, resolve_precision
 from poe_core.extract import load_oracle, phase_done
 from poe_core.nets import WRNSpec
 from poe_core.recipe import ExtractionPlan
@@ -57,10 +57,8 @@ def main() -> None:
         parser.error("objectives are kd or standardized, temperatures above 0")
 
     device = pick_device()
-    machine = machine_summary(device)
+    print(machine_line(device), flush=True)
     precision = resolve_precision("auto", device.type)
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}, "
-          f"device {machine['device']}, precision auto -> {precision}", flush=True)
     splits = load_cifar100_npy(args.data)
     oracle = load_oracle(args.work, splits, device)
     bank = build_bank(oracle, splits.train, ViewRecipe(args.views), args.work, device=device, precision=precision)
@@ -83,7 +81,7 @@ def main() -> None:
     print(f"\nbest: {best[0]} at T={best[1]:g} ({best[3]:.2%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": machine["cpu"], "precision": precision, "epochs": args.epochs, "views": args.views,
+        "machine": cpu_model(), "precision": precision, "epochs": args.epochs, "views": args.views,
         "arms": [{"kd": k, "temperature": t, "seconds": sec, "val_acc": a} for k, t, sec, a in rows]}, indent=1))
 
 

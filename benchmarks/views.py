@@ -28,7 +28,7 @@ import torch
 
 from poe_core.bank import ViewRecipe, build_bank
 from poe_core.data import load_cifar100_npy
-from poe_core.device import machine_summary, pick_device, resolve_precision
+from poe_core.device import machine_line, pick_device, resolve_precision
 from poe_core.extract import load_oracle, phase_done
 from poe_core.nets import WRNSpec
 from poe_core.train import TrainConfig, train_library
@@ -54,10 +54,8 @@ def main() -> None:
         parser.error("view counts start at 1")
 
     device = pick_device()
-    machine = machine_summary(device)
+    print(machine_line(device), flush=True)
     precision = resolve_precision("auto", device.type)
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, native bf16: {machine['native_bf16']}, "
-          f"device {machine['device']}, precision auto -> {precision}", flush=True)
     splits = load_cifar100_npy(args.data)
     g = torch.Generator().manual_seed(0)
     splits.train = splits.train.subset(torch.randperm(len(splits.train), generator=g)[:args.train_images])

@@ -80,3 +80,10 @@ def machine_summary(device: torch.device | None = None) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def machine_line(device: torch.device) -> str:
+    """One line for a benchmark's output: the machine its timings were measured on."""
+    m = machine_summary(device)
+    return (f"machine: {m['cpu']}, {m['cores']} cores, native bf16: {m['native_bf16']}, device {m['device']}, "
+            f"precision auto -> {resolve_precision('auto', device.type)}")
