@@ -470,9 +470,10 @@ def keep_oracle(work: Path, splits: Splits) -> KeptOracle:
 def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
                          fp16_logits: bool = False, progress: Callable[[str], None] | None = None,
                          extra_training: dict | None = None,
-                         int8_max_mean_drop: float = INT8_MAX_MEAN_DROP) -> Pool:
+                         int8_max_mean_drop: float = INT8_MAX_MEAN_DROP, student_head: bool = True) -> Pool:
     """Build the pool from a finished extraction work directory (see poe_core.extract):
-    the library student (its library and its own head), the experts at every width."""
+    the library student (its library and, unless `student_head` is False, its own head),
+    the experts at every width."""
     from poe_core.extract import load_expert_widths, load_wrn, phase_done, phase_info
 
     work = Path(work)
@@ -482,7 +483,8 @@ def build_pool_from_work(work: str | Path, out: str | Path, splits: Splits, *,
     student = load_wrn(work, "library", len(splits.taxonomy.classes), splits.image_shape[0])
     training = {p: phase_info(work, p) for p in ("oracle", "library", "experts") if phase_done(work, p)}
     training |= extra_training or {}
-    return build_pool(out, library=student.library, experts=load_expert_widths(work, splits), student_head=student.head,
+    return build_pool(out, library=student.library, experts=load_expert_widths(work, splits),
+                      student_head=student.head if student_head else None,
                       splits=splits, library_spec=spec_from_dict(training["library"]["architecture"]),
                       expert_spec=spec_from_dict(training["experts"]["architecture"]), training=training,
                       fp16_logits=fp16_logits, progress=progress, int8_max_mean_drop=int8_max_mean_drop,

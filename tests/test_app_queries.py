@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from service_fixtures import make_settings, store_with
 
 from app.main import create_app
-from app.store.pools import shipped_pool
 
 JSON = {"Accept": "application/json"}
 
@@ -271,23 +270,29 @@ def test_foreign_and_malformed_ids_are_404(wide):
     assert client.get(f"/models/{base}-c0.5t5-{output}-{weights}").status_code == 200  # the order is the query's
 
 
-def test_a_pool_without_widths_or_student_says_why(databases, tmp_path):
-    """The shipped pool (format 2: one width, no student head)."""
-    bundle = shipped_pool()
-    if bundle is None:
-        pytest.skip("this build ships no pool")
-    with TestClient(create_app(make_settings(databases, tmp_path, default_pool=str(bundle)))) as client:
-        meta = client.post("/models", json={"classes": ["bicycle", "woman"]}, headers=JSON).json()
-        assert meta["labels"] == ["bicycle", "woman"] and meta["tasks"] == ["vehicles_1", "people"]
+@pytest.fixture(scope="module")
+def bare_pool(tmp_path_factory, work_dir, synthetic):
+    """The session's pool without its student head: one width and no mask baseline, as
+    every pool of format 2."""
+    from poe_core.build import build_pool_from_work
+
+    return build_pool_from_work(work_dir, tmp_path_factory.mktemp("bare") / "pool", synthetic, student_head=False)
+
+
+def test_a_pool_without_widths_or_student_says_why(databases, tmp_path, bare_pool):
+    first, second = (bare_pool.taxonomy.class_names(t)[0] for t in ("task1", "task0"))
+    with TestClient(create_app(make_settings(databases, tmp_path, default_pool=str(bare_pool.root)))) as client:
+        meta = client.post("/models", json={"classes": [first, second]}, headers=JSON).json()
+        assert meta["labels"] == [first, second] and meta["tasks"] == ["task1", "task0"]
         assert meta["mask"]["val_acc"] is None and "no library student head" in meta["mask"]["unavailable"]
-        r = client.post("/models", json={"classes": ["bicycle"], "options": {"method": "mask"}})
+        r = client.post("/models", json={"classes": [first], "options": {"method": "mask"}})
         assert r.status_code == 422 and "no library student head" in r.json()["detail"]
-        r = client.post("/models", json={"classes": ["bicycle"], "options": {"budget": {"max_params": 10**6}}})
+        r = client.post("/models", json={"classes": [first], "options": {"budget": {"max_params": 10**6}}})
         assert r.status_code == 422 and "one width" in r.json()["detail"]
-        plan = client.post("/models/plan", json={"classes": ["bicycle", "woman"]}).json()
+        plan = client.post("/models/plan", json={"classes": [first, second]}).json()
         assert "one width" in plan["unavailable"] and len(plan["points"]) == 1
         point = plan["points"][0]
         assert (point["id"], point["params"], point["val_acc"]) == (meta["id"], meta["params"], meta["val_acc"])
         assert point["bytes"] == meta["bytes"] and point["macs"] == meta["flops"]
-        assert client.post("/models/plan", json={"classes": ["bicycle"], "options": {
+        assert client.post("/models/plan", json={"classes": [first], "options": {
             "budget": {"max_params": 10**6}}}).status_code == 422
