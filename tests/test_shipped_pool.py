@@ -31,11 +31,24 @@ def test_sizes_are_the_papers(shipped):
     assert round(shipped.composite_params(shipped.tasks[:5]) / 1e6, 2) == 0.10
 
 
-def test_manifest_records_every_phase_and_no_oracle_weights(shipped):
+def test_manifest_records_every_phase_and_keeps_the_oracle_out_of_every_delivered_model(shipped):
     training = shipped.manifest["training"]
     assert {"oracle", "library", "experts"} <= set(training)
     assert all(training[p]["seconds"] > 0 and training[p]["epochs"] > 0 for p in ("oracle", "library", "experts"))
-    assert not any("oracle" in f for f in shipped.manifest["files"])
+    kept = shipped.spec.oracle
+    assert kept is not None and kept.weights in shipped.manifest["files"]
+    # What the service assembles from: the library, the experts, the student head; never the oracle.
+    assert not any("oracle" in part for part in Assembler(shipped).fragments("fp32"))
+
+
+def test_the_kept_oracle_loads_and_is_the_papers_kind(shipped):
+    from poe_core.extend import kept_oracle
+
+    oracle = kept_oracle(shipped, torch.device("cpu"))
+    assert oracle.module is not None and (oracle.mean, oracle.std) == (tuple(shipped.mean), tuple(shipped.std))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32))
+    assert oracle.logits(x).shape == (2, 100)
+    assert sum(p.numel() for p in oracle.module.parameters()) > 10 * shipped.composite_params(shipped.tasks[:1])
 
 
 def test_assembled_model_equals_pytorch_and_is_trained(shipped):
@@ -50,12 +63,23 @@ def test_assembled_model_equals_pytorch_and_is_trained(shipped):
     assert shipped.composite_accuracy(tasks) > 0.6
 
 
-def test_format_2_pool_serves_classes_and_reject_but_says_why_not_mask_or_budgets(shipped):
-    from poe_core.formats import Unavailable
+def test_shipped_pool_serves_classes_reject_mask_and_budgets(shipped):
+    from poe_core.budget import Budget, BudgetError, fit_budget
 
+    asm = Assembler(shipped)
     q = shipped.query(classes=["bicycle", "woman"])
     assert q.tasks == ("vehicles_1", "people")
-    assert Assembler(shipped).assemble(q, reject=shipped.reject_rule(q)).labels == ("bicycle", "woman")
-    with pytest.raises(Unavailable, match="keeps no library student head"):
-        shipped.query(["people"], method="mask")
-    assert "one width (ks = 0.25)" in shipped.unavailable("widths")
+    assert asm.assemble(q, reject=shipped.reject_rule(q)).labels == ("bicycle", "woman")
+    assert shipped.unavailable("mask") is None and shipped.unavailable("widths") is None
+    assert len(shipped.widths) >= 2
+    mask = shipped.query(["people", "vehicles_1"], method="mask")
+    x = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    got = ort.InferenceSession(asm.assemble(mask).data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert got.shape == (4, 10)
+    # The mask baseline is the whole student: more parameters than two paper-sized experts.
+    assert shipped.params(mask) > shipped.params(shipped.query(["people", "vehicles_1"]))
+    q = shipped.query(["people", "vehicles_1", "trees"])
+    smallest = shipped.params(q)  # the default width is the smallest
+    assert fit_budget(asm, q, Budget(max_params=smallest)).query.widths == (shipped.widths[0],) * 3
+    with pytest.raises(BudgetError, match="smallest possible"):
+        fit_budget(asm, q, Budget(max_params=smallest - 1))
