@@ -186,6 +186,9 @@ def add_task(
     indices = check_task(pool, name, classes)
     splits = check_data(pool, splits)
     cfg = cfg or default_config(pool)
+    if cfg.init == "student" and pool.unavailable("mask"):
+        raise ExtensionError(f"expert init 'student' cuts the new expert from the library's student head: "
+                             f"{pool.unavailable('mask')}; use init 'random'")
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device.type)
     oracle = kept_oracle(pool, device)
@@ -226,9 +229,10 @@ def add_task(
 
     taxonomy = Taxonomy(pool.taxonomy.classes, {**pool.taxonomy.tasks, name: tuple(indices)})
     expert_spec = spec_from_dict(pool.spec.architecture.expert)
+    student = pool.student_head() if cfg.init == "student" else None
     experts, result = train_experts(pool.library, teacher, dataclasses.replace(splits, taxonomy=taxonomy), [name],
                                     expert_spec, cfg, widths=pool.widths, checkpoint=work / "expert.checkpoint",
-                                    progress=progress)
+                                    progress=progress, student=student)
     say(f"expert of {name}: validation accuracy {result.best_val_acc[part_key(name, pool.default_width)]:.2%} "
         f"at width {pool.default_width:g} ({result.seconds:.0f} s of training)")
     training = {"task": name, "classes": list(classes), "from_pool": pool.pool_id,

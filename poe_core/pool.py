@@ -244,6 +244,14 @@ class Pool:
         lib.load_state_dict(load_file(str(self.path(self.spec.library.weights))))
         return lib.eval()
 
+    def student_head(self) -> nn.Module:
+        """The library student's own head over all classes (Unavailable if not kept)."""
+        self.require("mask")
+        arch = self.spec.architecture
+        head = spec_from_dict(arch.library).head(arch.library_channels, len(self.taxonomy.classes))
+        head.load_state_dict(load_file(str(self.path(self.spec.student.weights))))
+        return head.eval()
+
     def expert(self, task: str, ks: float | None = None) -> nn.Module:
         arch = self.spec.architecture
         spec = spec_from_dict(arch.expert)

@@ -33,6 +33,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (by hardware, see poe_core.device) | fp32 | bf16 | fp16
     kd: str = "kd"  # library phase: kd (eq. 1) | standardized (KD on z-scored logits)
+    init: str = "random"  # expert phase: random | student (heads cut from the library's student, poe_core.prune)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,6 +210,9 @@ class ExpertOptions(_Strict):
     lr: float = Field(_DEFAULT.expert_cfg.lr, gt=0, le=10)
     widths: list[Annotated[float, Field(gt=0, le=16)]] | None = Field(
         None, min_length=1, max_length=8, description="Head widths ks trained jointly; default arch.ks only.")
+    init: Literal["random", "student"] = Field(_DEFAULT.expert_cfg.init, description="random: the paper's; "
+                                               "student: each head starts as the library's student head, pruned to "
+                                               "its width and task (WRN experts).")
 
 
 class ExtractionOptions(_Strict):
@@ -256,7 +260,7 @@ class ExtractionOptions(_Strict):
             TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd,
                         **common | ({} if self.library.temperature is None else
                                     {"temperature": self.library.temperature})),
-            TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, **common),
+            TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, init=self.experts.init, **common),
             self.tasks, o.with_val, self.experts.widths,
             ViewRecipe(self.bank_views, seed=self.seed) if self.bank_views else None, external,
         )

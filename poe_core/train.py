@@ -18,6 +18,7 @@ batch (see poe_core.distributed).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -37,11 +38,14 @@ from poe_core.data import ImageSet, Normalize, Splits, batches
 from poe_core.device import autocast, pick_device, resolve_precision
 from poe_core.evaluate import accuracy, predict, task_specific_accuracy
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
-from poe_core.nets import ArchSpec, BranchedModel, ExpertHead, Library, Network, expert_head, init_weights
+from poe_core.nets import ArchSpec, BranchedModel, ExpertHead, Library, Network, WRNSpec, expert_head, init_weights
+from poe_core.prune import pruned_head
 from poe_core.recipe import Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
+
+PRUNE_IMAGES = 2048  # training images whose library features score the channels of a cut head
 
 
 @dataclass
@@ -285,12 +289,13 @@ def expert_name(task: str, ks: float) -> str:
 def train_experts(
     library: Library, teacher: Teacher, splits: Splits, tasks: Sequence[str], spec: ArchSpec,
     cfg: TrainConfig, *, widths: Sequence[float] | None = None, checkpoint: Path | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, student: nn.Module | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
     """One expert per primitive task by conditional KD, all in one pass (see module doc);
     with `widths`, one per task and width, named `task@ks`, else one at spec.ks named
     `task`. An expert's initial weights depend only on the seed, its task's position in
-    the taxonomy and its width, so training it alone or with others gives the same expert."""
+    the taxonomy and its width (or, with cfg.init = "student", on the `student` head it is
+    cut from), so training it alone or with others gives the same expert."""
     names = splits.taxonomy.task_names
     if widths is None:
         heads = {t: HeadTarget(splits.taxonomy.tasks[t], "ckd", cfg.seed * 1000 + names.index(t)) for t in tasks}
@@ -298,26 +303,26 @@ def train_experts(
         heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd",
                                                 cfg.seed * 1000 + names.index(t) + 1_000_003 * w, ks)
                  for w, ks in enumerate(widths) for t in tasks}
-    return train_heads(library, teacher, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress)
+    return train_heads(library, teacher, splits, heads, spec, cfg, checkpoint=checkpoint, progress=progress,
+                       student=student)
 
 
 def train_heads(
     library: Library, teacher: Teacher, splits: Splits, heads: Mapping[str, HeadTarget],
     spec: ArchSpec, cfg: TrainConfig, *, checkpoint: Path | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, student: nn.Module | None = None,
 ) -> tuple[dict[str, ExpertHead], PhaseResult]:
     """Heads on the frozen library (weights and BN statistics), distilled from the
     oracle on all training images; each is selected on its own task-specific validation
     accuracy. Heads may target any class set (a composite task too) and any loss of the
-    ablation; they share the oracle and library forward passes."""
+    ablation; they share the oracle and library forward passes. With cfg.init =
+    "student" each head starts as the library's `student` head cut to its width and
+    classes (poe_core.prune), else from random weights."""
     device = pick_device(cfg.device)
     library = _freeze(_prepare(library, cfg))
     oracle = _live(teacher, cfg)
-    experts = {
-        name: _prepare(expert_head(spec if h.ks is None else spec.with_ks(h.ks),
-                                   library.out_channels, len(h.classes), seed=h.seed), cfg)
-        for name, h in heads.items()
-    }
+    experts = {name: _prepare(head, cfg) for name, head in _initial_heads(library, splits, heads, spec, cfg,
+                                                                           student).items()}
     columns = {name: torch.tensor(h.classes, device=device) for name, h in heads.items()}
     bad = {h.loss for h in heads.values()} - {"ckd", "soft", "scale"}
     if bad:
@@ -353,6 +358,27 @@ def train_heads(
     bank = teacher if oracle is None else None
     result = _fit("experts", experts, step_loss, validate, splits, cfg, checkpoint, progress, bank)
     return experts, result
+
+
+def _initial_heads(library: Library, splits: Splits, heads: Mapping[str, HeadTarget], spec: ArchSpec,
+                   cfg: TrainConfig, student: nn.Module | None) -> dict[str, nn.Module]:
+    def spec_of(h: HeadTarget) -> ArchSpec:
+        return spec if h.ks is None else spec.with_ks(h.ks)
+
+    if cfg.init == "random":
+        return {name: expert_head(spec_of(h), library.out_channels, len(h.classes), seed=h.seed)
+                for name, h in heads.items()}
+    if cfg.init != "student":
+        raise ValueError(f"unknown expert init {cfg.init!r}; use random or student")
+    if not isinstance(student, ExpertHead) or not isinstance(spec, WRNSpec):
+        raise ValueError("init 'student' needs WRN experts and the library's WRN student head")
+    n = min(len(splits.train), PRUNE_IMAGES)
+    device = next(library.parameters()).device
+    with torch.no_grad():
+        features = library(Normalize(splits.mean, splits.std, device)(splits.train.x[:n].to(device))).float().cpu()
+    student = copy.deepcopy(student).cpu().float()
+    return {name: pruned_head(student, h.classes, spec_of(h).ks, features, spec.depth)
+            for name, h in heads.items()}
 
 
 def task_splits(splits: Splits, classes: Sequence[int]) -> Splits:
