@@ -90,6 +90,7 @@ def extract(
     val_per_class: Annotated[int, typer.Option(help="Validation images held out per class.")] = 50,
     phase: Annotated[list[str] | None, typer.Option(help="Phase(s) to run: oracle, library, experts. Default: all.")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Primitive task(s) to extract experts for. Default: all.")] = None,
+    from_pool: Annotated[Path | None, typer.Option(help="Take the oracle and library phases from this pool (its kept oracle, its library and student head), to retrain its experts only.")] = None,
     oracle: Annotated[Path | None, typer.Option(help="Bring your own oracle instead of training one: a kept poe oracle (.safetensors with its .json) or any classifier exported to ONNX (.onnx).")] = None,
     oracle_classes: Annotated[Path | None, typer.Option(help="ONNX oracle: its output classes, a JSON list or one name per line (default: the data set's, in order).")] = None,
     oracle_mean: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation mean as R,G,B (default: the data set's).")] = None,
@@ -98,6 +99,7 @@ def extract(
     library_arch: Annotated[str, typer.Option(help="Library student, as the oracle (MobileNetV2: its first SPLIT stages are the library).")] = _arch(DEFAULT.library_spec),
     expert_arch: Annotated[str, typer.Option(help="Expert, as the library, of its family and split (KC must match the library).")] = _arch(DEFAULT.expert_spec),
     expert_widths: Annotated[str | None, typer.Option(help="Head widths KS to train jointly, e.g. 0.25,0.5,1 (default: the expert arch's).")] = None,
+    expert_init: Annotated[str, typer.Option(help="Experts start from random weights (the paper's) or as the library's student head cut to their width and task (student; WRN only).")] = DEFAULT.expert_cfg.init,
     oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = DEFAULT.oracle_with_val,
     bank_views: Annotated[int, typer.Option(help="Augmented views per training image in the oracle's logit bank; 0 runs the oracle on every batch instead.")] = DEFAULT.bank.views,
     oracle_epochs: int = DEFAULT.oracle_cfg.epochs, library_epochs: int = DEFAULT.library_cfg.epochs,
@@ -143,7 +145,7 @@ def extract(
             library={"arch": arch(library_arch), "epochs": library_epochs, "lr": library_lr, "kd": library_kd,
                      "temperature": library_temperature},
             experts={"arch": arch(expert_arch), "epochs": expert_epochs, "lr": expert_lr,
-                     "widths": _widths(expert_widths)},
+                     "widths": _widths(expert_widths), "init": expert_init},
             tasks=tasks or None, bank_views=bank_views, batch_size=batch_size, schedule=schedule,
             precision=precision, device=device, label_smoothing=label_smoothing, temperature=temperature,
             alpha=alpha, seed=seed)
@@ -154,9 +156,21 @@ def extract(
                    size=image_size, resize=resize)
     if tasks:
         _validate_tasks(splits.taxonomy, tasks)
+    if from_pool is not None and oracle is not None:
+        fail("--from-pool brings the pool's own oracle: leave out --oracle")
     distributed.init(device)
     try:
-        main = distributed.is_main()  # the other ranks of a torchrun job train silently
+        main = distributed.is_main()
+        if from_pool is not None:
+            from poe_core.extract import seed_from_pool
+
+            with distributed.main_first():  # rank 0 seeds; the others find the phases done
+                try:
+                    seeded = seed_from_pool(work, _pool(from_pool), splits)
+                except OracleError as e:
+                    fail(str(e))
+            if seeded and main:
+                console.print(f"{', '.join(seeded)} taken from pool {from_pool}")  # the other ranks of a torchrun job train silently
         reports = ProgressBars() if main and not progress_json else contextlib.nullcontext()
         with reports as bars:
             for p in PHASES:
@@ -394,6 +408,7 @@ def add_task(
     split_seed: Annotated[int, typer.Option(help="As when the pool was built.")] = 0,
     epochs: Annotated[int | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
     lr: Annotated[float | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
+    init: Annotated[str | None, typer.Option(help="random or student (cut from the library's student head). Default: the pool's experts' recipe.")] = None,
     bank_views: Annotated[int, typer.Option(help="Views of a logit bank filled here if none is found.")] = 8,
     bank_from: Annotated[list[Path] | None, typer.Option(help="Work directories to look for a bank of the "
                                                                "pool's oracle in (e.g. the pool's extraction).")] = None,
@@ -407,7 +422,9 @@ def add_task(
     loaded = _pool(pool)
     splits = _load(data, data_path, hierarchy, val_per_class, split_seed, False,
                    **input_options(loaded.image_shape, loaded.spec.dataset.preprocess))
-    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    if init not in (None, "random", "student"):
+        fail(f"--init {init}: use random or student")
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("init", init)) if v is not None}
     cfg = dataclasses.replace(default_config(loaded), precision=precision, device=device, **overrides)
     try:
         new = extend(loaded, out, splits, name, _split_words(classes + ctx.args), work=work, cfg=cfg,

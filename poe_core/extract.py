@@ -143,6 +143,40 @@ def bring_oracle(work: Path, splits: Splits, external: ExternalOracle) -> dict:
     return info
 
 
+def seed_from_pool(work: Path, pool, splits: Splits) -> list[str]:
+    """Give `work` the oracle and library phases of a built `pool` (poe_core.pool.Pool):
+    its kept oracle, and its library with the student head, as finished phases, so that
+    `run_phase("experts", ...)` retrains the experts (another recipe, more epochs, other
+    widths) on exactly the pool's library without the oracle and library phases.
+    Phases already done in `work` are left alone; returns the phases seeded."""
+    from poe_core.recipe import ExternalOracle
+
+    work.mkdir(parents=True, exist_ok=True)
+    seeded = []
+    entry = pool.spec.oracle
+    if not phase_done(work, "oracle"):
+        if entry is None:
+            raise OracleError(f"pool {pool.pool_id} keeps no oracle to train experts from")
+        external = ExternalOracle(pool.path(entry.weights))
+        if entry.format == "onnx":
+            classes = work / "oracle-classes.json"
+            atomic_write(classes, json.dumps(entry.classes))
+            external = ExternalOracle(external.path, classes, tuple(entry.normalization.mean),
+                                      tuple(entry.normalization.std))
+        bring_oracle(work, splits, external)
+        seeded.append("oracle")
+    if not phase_done(work, "library"):
+        info = pool.spec.training.get("library")
+        if pool.unavailable("mask") or not info or "architecture" not in info:
+            raise OracleError(f"pool {pool.pool_id} keeps no library student head (or no library record) "
+                              "to seed a work directory with")
+        state = {f"library.{k}": v for k, v in pool.library.state_dict().items()}
+        state |= {f"head.{k}": v for k, v in pool.student_head().state_dict().items()}
+        _save_phase(work, "library", state, dict(info) | {"seeded_from_pool": pool.pool_id})
+        seeded.append("library")
+    return seeded
+
+
 def run_phase(
     phase: str, work: Path, splits: Splits, plan: ExtractionPlan,
     progress: ProgressFn | None = None,
@@ -181,12 +215,14 @@ def run_phase(
         info["library_params"] = count_params(model.library)
         state = model.state_dict()
     elif phase == "experts":
-        library = load_wrn(work, "library", n_classes, in_ch).library
+        student = load_wrn(work, "library", n_classes, in_ch)
+        library = student.library
         tasks = list(plan.tasks) if plan.tasks else splits.taxonomy.task_names
         splits.taxonomy.validate(tasks)
         teacher, bank_info = _teacher(work, splits, plan, plan.expert_cfg, progress, library=library)
         experts, result = train.train_experts(library, teacher, splits, tasks, plan.expert_spec, plan.expert_cfg,
-                                              widths=plan.widths, checkpoint=ckpt, progress=progress)
+                                              widths=plan.widths, checkpoint=ckpt, progress=progress,
+                                              student=student.head)
         info = _figures(result, plan.expert_cfg, plan.expert_spec) | bank_info
         info |= {"tasks": tasks, "widths": plan.widths, "library_channels": library.out_channels}
         state = {f"{name}.{k}": v for name, head in experts.items() for k, v in head.state_dict().items()}

@@ -102,3 +102,28 @@ def test_an_oracle_trained_on_validation_reports_no_validation_accuracy(tmp_path
     assert r.exit_code == 0, r.output
     assert "oracle: no validation accuracy (trained on the validation images too)" in r.output
     assert "-100" not in r.output
+
+
+def test_experts_retrained_on_a_pools_own_oracle_and_library(pool, tmp_path):
+    """--from-pool: the pool's kept oracle and library (with its student head) become the
+    finished phases of a new work directory; only the experts train (here cut from the
+    student); the new pool has the same library and student, bit for bit."""
+    from poe_core.pool import load_pool
+
+    tiny = ["--data", "synthetic", "--batch-size", "16", "--precision", "fp32", "--device", "cpu",
+            "--expert-arch", "10,0.5,0.25", "--expert-epochs", "1", "--bank-views", "2"]
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w"), *tiny, "--from-pool", str(pool.root),
+                                 "--phase", "experts", "--expert-init", "student", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "oracle, library taken from pool" in r.output
+    new = load_pool(tmp_path / "p")
+    for name, value in pool.library.state_dict().items():
+        assert torch.equal(new.library.state_dict()[name], value)
+    for name, value in pool.student_head().state_dict().items():
+        assert torch.equal(new.student_head().state_dict()[name], value)
+    assert new.spec.training["experts"]["config"]["init"] == "student"
+    assert new.spec.training["library"]["seeded_from_pool"] == pool.pool_id
+    assert new.path(new.spec.oracle.weights).read_bytes() == pool.path(pool.spec.oracle.weights).read_bytes()
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w2"), *tiny, "--from-pool", str(pool.root),
+                                 "--oracle", str(pool.path(pool.spec.oracle.weights))])
+    assert r.exit_code != 0 and "leave out --oracle" in r.output
