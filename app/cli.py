@@ -89,7 +89,10 @@ def serve(
         target = create_app(settings) if workers == 1 else "app.main:create_app"
         # A new API process imports onnx and torch before it answers uvicorn's health pings:
         # on a busy machine that takes longer than uvicorn's 5 s, which would kill it in a loop.
+        # httptools on uvloop (uvicorn[standard]'s pick, named so a missing one fails loudly),
+        # with each answer's head sent together with its body (app.http).
         uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
+                    http="app.http:HttpProtocol", loop="uvloop",
                     log_level=settings.log_level.lower(), log_config=logs.config(settings.log_level),
                     access_log=False, timeout_worker_healthcheck=120)
     finally:
