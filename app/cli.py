@@ -92,7 +92,7 @@ def serve(
         # httptools on uvloop (uvicorn[standard]'s pick, named so a missing one fails loudly),
         # with each answer's head sent together with its body (app.http).
         uvicorn.run(target, factory=workers > 1, workers=workers, host=settings.host, port=settings.port,
-                    http="app.http:HttpProtocol", loop="uvloop",
+                    http="app.http:HttpProtocol", loop="uvloop", server_header=False,
                     log_level=settings.log_level.lower(), log_config=logs.config(settings.log_level),
                     access_log=False, timeout_worker_healthcheck=120)
     finally:

@@ -252,13 +252,8 @@ class Assembler:
         """ModelProto.metadata_props, written entry by entry; the JSON values are joined
         from pieces json.dumps wrote for each class and task when the Assembler was
         built, so they are byte for byte json.dumps of the whole."""
-        props = [self._of_query(q).entries, self._pool_entries, self._choice_entries[output, weights]]
-        # Keys of the newer capabilities appear only where they say something, so that
-        # a plain query's bytes stay those of earlier pools.
-        if q.method != "poe":
-            props.append(_entry("poe.method", q.method))
-        if len(self.pool.widths) > 1 and q.method == "poe":
-            props.append(_entry(WIDTHS_KEY, _widths_json(q.tasks, q.widths)))
+        pieces = self._of_query(q)
+        props = [pieces.entries, self._pool_entries, self._choice_entries[output, weights], pieces.method_entries]
         if reject is not None:
             props.append(_entry("poe.reject", reject.to_json()))
         props.append(self._version_entry)
@@ -271,8 +266,15 @@ class Assembler:
             _entry("poe.tasks", "[" + ", ".join([self._task_json[t] for t in q.tasks]) + "]"),
             _entry("poe.task_classes", "{" + ", ".join([self._task_classes_json[t] for t in q.tasks]) + "}"),
         ])
+        # Keys of the newer capabilities appear only where they say something, so that
+        # a plain query's bytes stay those of earlier pools.
+        method_entries = b""
+        if q.method != "poe":
+            method_entries += _entry("poe.method", q.method)
+        if len(self.pool.widths) > 1 and q.method == "poe":
+            method_entries += _entry(WIDTHS_KEY, _widths_json(q.tasks, q.widths))
         heads = (STUDENT,) if q.method == "mask" else tuple(map(part_key, q.tasks, q.widths))
-        return _QueryPieces(tuple(self.pool.taxonomy.classes[c] for c in q.classes), heads, entries)
+        return _QueryPieces(tuple(self.pool.taxonomy.classes[c] for c in q.classes), heads, entries, method_entries)
 
     def _prepare_tail_and_metadata(self) -> None:
         """The pieces of every tail and metadata that do not depend on the query, and
@@ -317,6 +319,7 @@ class _QueryPieces:
     labels: tuple[str, ...]  # the output classes' names
     heads: tuple[str, ...]  # the parts after the library, by part key
     entries: bytes  # poe.labels, poe.tasks, poe.task_classes
+    method_entries: bytes  # poe.method and poe.widths, where they say something
 
 
 def _field(number: int, payload: bytes) -> bytes:

@@ -52,6 +52,9 @@ from poe_core.taxonomy import TaskError
 
 OUTPUTS = ("logits", "probabilities")
 ONNX = "application/octet-stream"
+ONNX_BYTES = ONNX.encode()
+# A model's bytes never change under its ETag (its id and the content-addressed pool's).
+IMMUTABLE = b"public, max-age=31536000, immutable"
 MAX_VERSION = 2**31 - 1  # the pools.version column's range
 MAX_ID = 4096  # characters: a class subject of about a thousand classes
 _WIDTH = r"\d{1,3}(?:\.\d{1,6})?"
@@ -284,20 +287,19 @@ class ServedModel:
         return tag if self.format == "onnx" else f"{tag}.{self.format}-onnxruntime-{onnxruntime.__version__}"
 
     @cached_property
-    def headers(self) -> dict[str, str]:
-        # onnxruntime does not write an ORT file byte for byte the same twice: equivalent, so a weak ETag.
-        return {
-            "ETag": f'"{self.etag}"' if self.format == "onnx" else f'W/"{self.etag}"',
-            "Cache-Control": "public, max-age=31536000, immutable",
-            "X-Model-Id": self.id,
-            "Content-Disposition": f'attachment; filename="{file_name(self.query, self.labels, self.id, self.format)}"',
-        }
-
-    @cached_property
     def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """The file answer's headers, encoded once: the hot path sends them as they are."""
-        return ((b"content-type", ONNX.encode()), (b"content-length", str(self.size).encode()),
-                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()))
+        # onnxruntime does not write an ORT file byte for byte the same twice: equivalent, so a weak ETag.
+        etag = f'"{self.etag}"' if self.format == "onnx" else f'W/"{self.etag}"'
+        name = file_name(self.query, self.labels, self.id, self.format)
+        return ((b"content-type", ONNX_BYTES), (b"content-length", b"%d" % self.size),
+                (b"etag", etag.encode()), (b"cache-control", IMMUTABLE), (b"x-model-id", self.id.encode()),
+                (b"content-disposition", f'attachment; filename="{name}"'.encode("latin-1")))
+
+    @cached_property
+    def headers(self) -> dict[str, str]:
+        """raw_headers but the type and length, for a Starlette Response (which sets those)."""
+        return {k.decode(): v.decode("latin-1") for k, v in self.raw_headers[2:]}
 
     @cached_property
     def info(self) -> ModelInfo:
