@@ -19,7 +19,10 @@ composite task, then measures on loopback:
 It prints requests/s, p50/p99 and errors (non-2xx answers, socket errors) of each, and
 the ratios against the targets of issue 9: cached >= 0.5x nginx, uncached >= 0.4x nginx,
 sequential uncached p50 <= 2 ms, 0 errors. The machine's other load counts: compare
-ratios, not absolute numbers.
+ratios, not absolute numbers. Beside each wrk run it prints the CPU time per request of
+the server's processes (user and system) and of wrk: with server and wrk sharing the
+cores, requests/s is about cores / (server + wrk CPU per request), so these say where
+the time goes, and they move much less than requests/s when something else runs beside.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -140,6 +144,40 @@ def wrk(url: str, seconds: float, connections: int, threads: int, script: str | 
                                                            else 0)}
 
 
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of `pid` and its live descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[tuple[int, list[str]]]] = {}
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    user = system = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            user += int(stats[p][11]) / tick
+            system += int(stats[p][12]) / tick
+        todo += children.get(p, [])
+    return user, system
+
+
+def measured(pid: int, run) -> dict:
+    """`run()`'s wrk results with the CPU per request of process tree `pid` and of wrk."""
+    (u0, s0), w0 = tree_cpu(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    (u1, s1), w1 = tree_cpu(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    per = 1e6 / max(result["requests"], 1)
+    return result | {"user_us": (u1 - u0) * per, "system_us": (s1 - s0) * per,
+                     "wrk_us": (w1.ru_utime + w1.ru_stime - w0.ru_utime - w0.ru_stime) * per}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,11 +262,13 @@ def main() -> None:
             wrk(f"http://127.0.0.1:{port}", 2, args.connections, threads, str(tmp / "one.lua"), (tmp / "hot.json",))
             times = asyncio.run(sequential(port, sequential_bodies))
             results = {
-                "nginx": wrk(f"http://127.0.0.1:{nginx_port}/model.onnx", args.seconds, args.connections, threads),
-                "cached": wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections, threads,
-                              str(tmp / "one.lua"), (tmp / "hot.json",)),
-                "uncached": wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections, threads,
-                                str(tmp / "distinct.lua"), (tmp / "bodies.txt", threads)),
+                "nginx": measured(nginx.pid, lambda: wrk(f"http://127.0.0.1:{nginx_port}/model.onnx", args.seconds,
+                                                         args.connections, threads)),
+                "cached": measured(poe.pid, lambda: wrk(f"http://127.0.0.1:{port}", args.seconds, args.connections,
+                                                        threads, str(tmp / "one.lua"), (tmp / "hot.json",))),
+                "uncached": measured(poe.pid, lambda: wrk(f"http://127.0.0.1:{port}", args.seconds,
+                                                          args.connections, threads, str(tmp / "distinct.lua"),
+                                                          (tmp / "bodies.txt", threads))),
             }
         finally:
             if nginx is not None:
@@ -244,7 +284,8 @@ def main() -> None:
           f"-c{args.connections} -d{args.seconds:g}s, loopback")
     for name, r in results.items():
         print(f"{name:9s} {r['rps']:8.0f} requests/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:7.2f} ms  "
-              f"{r['errors']} errors")
+              f"{r['errors']} errors  CPU per request: server {r['user_us'] + r['system_us']:4.0f} us "
+              f"({r['user_us']:.0f} user), wrk {r['wrk_us']:.0f} us")
     print(f"sequential uncached: {len(times)} requests, p50 {p50:.2f} ms, p99 {percentile(times, 0.99):.2f} ms")
     errors = sum(r["errors"] for r in results.values())
     checks = [("cached / nginx", results["cached"]["rps"] / nginx_rps, ">=", 0.5),
