@@ -50,7 +50,10 @@ class HeadWithBody:
         held = self._held
         if held is not None:
             self._held = None
-            self.transport.write(held)
+            # A connection lost meanwhile (reset, abort) takes the head with it, as it would
+            # have taken a head written at once; writing to it would raise in the loop.
+            if not self.transport.is_closing():
+                self.transport.write(held)
 
     def write_eof(self) -> None:
         self.flush()

@@ -51,6 +51,24 @@ def test_a_head_waits_for_its_body_and_goes_out_with_it():
     uvloop.run(main())
 
 
+def test_a_head_held_for_a_lost_connection_goes_with_it_quietly():
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        held = HeadWithBody(transport, loop)
+        transport.abort()  # as a reset does, past the wrapper
+        await asyncio.sleep(0.05)
+        held.write(b"HTTP/1.1 200 OK\r\n\r\n")  # before uvicorn learns of it
+        await asyncio.sleep(0.05)
+        assert errors == []
+        theirs.close()
+
+    uvloop.run(main())
+
+
 async def _app(scope, receive, send):
     if scope["type"] != "http":
         return
