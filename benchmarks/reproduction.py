@@ -233,6 +233,9 @@ def main() -> None:
     fig["library"]["kd"] = f"{config.get('kd', 'kd')} at T = {config.get('temperature', 4):g}"
     objectives = args.cache / "library_kd.json"  # benchmarks/library_kd.py: how the objective was chosen
     fig["library_kd"] = json.loads(objectives.read_text()) if objectives.is_file() else None
+    inits = args.cache / "expert_init.json"  # benchmarks/expert_init.py: how the experts' start was chosen
+    fig["expert_init"] = json.loads(inits.read_text()) if inits.is_file() else None
+    fig["experts_config"] = info["experts"].get("config", {})
 
     # The CKD model for one composite task of n(Q) = 5: its accuracy, and the wall time to
     # reach its best validation accuracy, timed alone (a 40-step run, scaled to epochs).
@@ -310,6 +313,21 @@ def _objectives(table: dict | None, chosen: str) -> list[str]:
             "| objective | T | validation top-1 | time |", "| --- | --- | --- | --- |", *rows, ""]
 
 
+def _inits(table: dict | None, config: dict) -> list[str]:
+    """Where the experts started (benchmarks/expert_init.py), if that comparison was run."""
+    chosen = f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr {config.get('lr', '?')}"
+    if table is None:
+        return [f"The experts were trained from a {chosen}; no comparison of starts was run.", ""]
+    rows = [f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {100 * r['start']:.2f} | {100 * r['val_acc']:.2f} |"
+            for r in table["rows"]]
+    return [f"Expert start, chosen on validation by `python benchmarks/expert_init.py`: random weights (the "
+            f"paper's) or the library student's head cut to the expert's width and task, each arm the same "
+            f"{table['epochs']}-epoch one-cycle CKD run from the bank of {table['views']} views, on the "
+            f"{len(table['tasks'])} tasks below ({table['machine']}, {table['precision']}); mean task-specific "
+            f"validation accuracy before training and at the best epoch. The shipped experts: {chosen}.", "",
+            "| start | lr | ks | before training | after |", "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
 def render(f: dict, pool) -> str:
     o, lib, t2, t3, t4, t5 = f["oracle"], f["library"], f["table2"], f["table3"], f["table4"], f["table5"]
     c = f["composite_ckd"]
@@ -360,6 +378,7 @@ def render(f: dict, pool) -> str:
         + " |",
         "| mean (paper) | 82.40 | 78.33 | 74.20 | 85.80 |",
         "",
+        *_inits(f["expert_init"], f["experts_config"]),
         "## 3. Confidence outside the task (paper Fig. 5)",
         "",
         "![confidence](figures/confidence.png)",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from poe_core.nets import ExpertHead, init_weights
 from poe_core import prune
+from poe_core.nets import ExpertHead, init_weights
 from poe_core.prune import pruned_head
 
 
@@ -46,7 +46,8 @@ def test_narrow_head_keeps_the_channels_that_carry_the_task(monkeypatch):
         error = (head(x) - want).abs().mean()
         # the same cut with channels kept at random instead of by score
         torch.manual_seed(1)
-        monkeypatch.setattr(prune, "_keep", lambda scores, width: torch.sort(torch.randperm(len(scores))[:width]).values)
+        monkeypatch.setattr(prune, "_keep",
+                            lambda scores, width: torch.sort(torch.randperm(len(scores))[:width]).values)
         random_errors = [(pruned_head(student, classes, 0.5, features, depth=10)(x) - want).abs().mean()
                          for _ in range(5)]
     assert error < sum(random_errors) / len(random_errors)
@@ -60,9 +61,10 @@ def test_cannot_widen_the_student():
 def test_experts_start_as_the_student_cut_to_their_task(work_dir, synthetic):
     """init 'student': at the student's own width a head starts as the student restricted
     to its task (the mask baseline); narrower heads start cut from it; training goes on."""
+    from conftest import tiny_plan
+
     from poe_core.extract import load_wrn
     from poe_core.train import HeadTarget, _initial_heads, train_experts
-    from conftest import tiny_plan
 
     net = load_wrn(work_dir, "library", len(synthetic.taxonomy.classes))
     plan = tiny_plan(epochs=1, init="student")

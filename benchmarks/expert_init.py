@@ -1,0 +1,113 @@
+"""Where an expert should start: random weights (the paper's) or the library's student
+head cut to the expert's width and task (poe_core.prune). Each arm trains the same
+heads by the paper's CKD for the same one-cycle epochs from the same logit bank and
+library features, and is scored on validation (task-specific top-1, per width).
+
+    python benchmarks/expert_init.py --work var/cifar-work [--views 4] [--epochs 2]
+                                     [--widths 0.25,0.5] [--tasks all|paper]
+                                     [--arms random,student,student:0.01]
+                                     [--out var/reproduction/expert_init.json]
+
+Needs a work directory with a finished oracle and library (the library phase's student
+head is what `student` cuts from). The arms are equal in epochs, so in wall time: the
+cut itself costs under a second. Also prints each arm's starting point (epoch 0 =
+before any training), which for `student` at ks = 1 would be the mask baseline.
+Selection only: nothing here reads the test split. Prints the machine first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from reproduction import TASKS as PAPER_TASKS  # the six tasks of the paper's CIFAR-100 experiments
+
+from poe_core.bank import ViewRecipe, build_bank, build_features
+from poe_core.data import Normalize, load_cifar100_npy
+from poe_core.device import cpu_model, machine_line, pick_device, resolve_precision
+from poe_core.evaluate import predict, task_specific_accuracy
+from poe_core.extract import load_oracle, load_wrn, phase_done
+from poe_core.nets import WRNSpec
+from poe_core.recipe import ExtractionPlan
+
+
+def main() -> None:
+    from poe_core.train import HeadTarget, _initial_heads, expert_name, train_experts
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="extraction work dir with oracle and library")
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/cifar100"))
+    parser.add_argument("--views", type=int, default=4, help="views of the logit bank the arms read")
+    parser.add_argument("--epochs", type=int, default=2, help="one-cycle epochs of every arm")
+    parser.add_argument("--widths", default="0.25,0.5", help="head widths ks, comma-separated")
+    parser.add_argument("--tasks", default="paper", help="paper (the paper's six), all, or names comma-separated")
+    parser.add_argument("--arms", default="random,student",
+                        help="INIT[:LR] arms, comma-separated: init random or student, lr default the recipe's")
+    parser.add_argument("--out", type=Path, default=Path("var/reproduction/expert_init.json"),
+                        help="where to keep the table for benchmarks/reproduction.py")
+    args = parser.parse_args()
+    for phase in ("oracle", "library"):
+        if not phase_done(args.work, phase):
+            parser.error(f"{args.work} has no finished {phase}")
+    widths = [float(w) for w in args.widths.split(",")]
+    try:
+        arms = [(a.split(":")[0], float(a.split(":")[1]) if ":" in a else None) for a in args.arms.split(",")]
+    except ValueError:
+        parser.error(f"--arms {args.arms!r} is not INIT[:LR],...")
+    if {init for init, _ in arms} - {"random", "student"}:
+        parser.error("inits are random and student")
+
+    device = pick_device()
+    print(machine_line(device), flush=True)
+    precision = resolve_precision("auto", device.type)
+    splits = load_cifar100_npy(args.data)
+    tasks = {"paper": PAPER_TASKS, "all": splits.taxonomy.task_names}.get(args.tasks, args.tasks.split(","))
+    splits.taxonomy.validate(tasks)
+    student = load_wrn(args.work, "library", len(splits.taxonomy.classes))
+    oracle = load_oracle(args.work, splits, device)
+    bank = build_bank(oracle, splits.train, ViewRecipe(args.views), args.work, device=device, precision=precision)
+    bank = build_features(student.library.to(device), bank, splits.train, args.work, device=device,
+                          precision=precision, normalize=Normalize(splits.mean, splits.std, device))
+    base = replace(ExtractionPlan().expert_cfg, epochs=args.epochs)
+    spec = WRNSpec(16, 1, 0.25)
+    val_features = predict(student.library, splits.val, splits.mean, splits.std, device, precision=precision)
+
+    rows = []
+    for init, lr in arms:
+        cfg = replace(base, init=init, lr=lr or base.lr)
+        arm = f"{init} lr {cfg.lr:g}"
+        names = splits.taxonomy.task_names
+        heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd", names.index(t) + 1_000_003 * w, ks)
+                 for w, ks in enumerate(widths) for t in tasks}
+        start = _initial_heads(student.library, splits, heads, spec, cfg, student.head)
+        with torch.no_grad():
+            at_start = {n: task_specific_accuracy(h.eval()(val_features).float(), splits.val.y, heads[n].classes)
+                        for n, h in start.items()}
+        _, result = train_experts(student.library, bank, splits, tasks, spec, cfg, widths=widths,
+                                  student=student.head)
+        for ks in widths:
+            names_ks = [expert_name(t, ks) for t in tasks]
+            before = sum(at_start[n] for n in names_ks) / len(names_ks)
+            after = sum(result.best_val_acc[n] for n in names_ks) / len(names_ks)
+            rows.append({"init": init, "lr": cfg.lr, "ks": ks, "start": before, "val_acc": after,
+                         "seconds": result.seconds,
+                         "per_task": {t: result.best_val_acc[expert_name(t, ks)] for t in tasks}})
+            print(f"{arm} ks={ks:g}: mean task-specific validation {before:.2%} at the start, {after:.2%} after "
+                  f"{args.epochs} epochs ({result.seconds:.0f} s for all widths)", flush=True)
+
+    print(f"\n| init | lr | ks | at the start | after {args.epochs} epochs | seconds (all widths) |"
+          "\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {r['start']:.2%} | {r['val_acc']:.2%} "
+              f"| {r['seconds']:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": cpu_model(), "precision": precision, "epochs": args.epochs, "views": args.views,
+        "tasks": tasks, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
