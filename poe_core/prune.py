@@ -20,7 +20,7 @@ the start only spares the epochs a random head spends learning what the student 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,30 +57,40 @@ def pruned_head(student: ExpertHead, classes: Sequence[int], ks: float, features
                 depth: int) -> ExpertHead:
     """An expert head of width ks over `classes`, cut from the `student` head (see the
     module doc); `features` are library features of training images to score channels on."""
+    return cutter(student, features, depth)(classes, ks)
+
+
+def cutter(student: ExpertHead, features: torch.Tensor, depth: int) -> Callable[[Sequence[int], float], ExpertHead]:
+    """`pruned_head` for many heads of one student: the student runs over `features` once."""
     student = student.eval()
-    rows = torch.as_tensor(list(classes), dtype=torch.long)
-    full = student.fc.in_features
-    width = round(64 * ks)
-    if width > full:
-        raise ValueError(f"a head of width {width} cannot be cut from a student head of width {full}")
-    in_channels = student.conv4[0].conv1.in_channels
-    out = ExpertHead(depth, in_channels, ks, len(rows)).eval()
     inner, pooled = _block_activations(student, features)
-    weights = student.fc.weight.data[rows]
-    stream = _keep(pooled.mean(0) * weights.abs().sum(0), width)
-    for src, dst, act in zip(student.conv4, out.conv4, inner, strict=True):
-        src: BasicBlock
-        feed = src.conv2.weight.data[stream].abs().sum((0, 2, 3))
-        mid = _keep(act * feed, width)
-        first = src.shortcut is not None  # the block that reads the library's features
-        _copy_bn(dst.bn1, src.bn1, torch.arange(src.bn1.num_features) if first else stream)
-        conv1 = src.conv1.weight.data[mid]
-        dst.conv1.weight.data.copy_(conv1 if first else conv1[:, stream])
-        _copy_bn(dst.bn2, src.bn2, mid)
-        dst.conv2.weight.data.copy_(src.conv2.weight.data[stream][:, mid])
-        if first:
-            dst.shortcut.weight.data.copy_(src.shortcut.weight.data[stream])
-    _copy_bn(out.bn, student.bn, stream)
-    out.fc.weight.data.copy_(weights[:, stream])
-    out.fc.bias.data.copy_(student.fc.bias.data[rows])
-    return out
+    mean_pooled = pooled.mean(0)
+    full = student.fc.in_features
+    in_channels = student.conv4[0].conv1.in_channels
+
+    def cut(classes: Sequence[int], ks: float) -> ExpertHead:
+        rows = torch.as_tensor(list(classes), dtype=torch.long)
+        width = round(64 * ks)
+        if width > full:
+            raise ValueError(f"a head of width {width} cannot be cut from a student head of width {full}")
+        out = ExpertHead(depth, in_channels, ks, len(rows)).eval()
+        weights = student.fc.weight.data[rows]
+        stream = _keep(mean_pooled * weights.abs().sum(0), width)
+        for src, dst, act in zip(student.conv4, out.conv4, inner, strict=True):
+            src: BasicBlock
+            feed = src.conv2.weight.data[stream].abs().sum((0, 2, 3))
+            mid = _keep(act * feed, width)
+            first = src.shortcut is not None  # the block that reads the library's features
+            _copy_bn(dst.bn1, src.bn1, torch.arange(src.bn1.num_features) if first else stream)
+            conv1 = src.conv1.weight.data[mid]
+            dst.conv1.weight.data.copy_(conv1 if first else conv1[:, stream])
+            _copy_bn(dst.bn2, src.bn2, mid)
+            dst.conv2.weight.data.copy_(src.conv2.weight.data[stream][:, mid])
+            if first:
+                dst.shortcut.weight.data.copy_(src.shortcut.weight.data[stream])
+        _copy_bn(out.bn, student.bn, stream)
+        out.fc.weight.data.copy_(weights[:, stream])
+        out.fc.bias.data.copy_(student.fc.bias.data[rows])
+        return out
+
+    return cut

@@ -39,7 +39,7 @@ from poe_core.device import autocast, pick_device, resolve_precision
 from poe_core.evaluate import accuracy, predict, task_specific_accuracy
 from poe_core.losses import ckd_loss, kd_loss, scale_loss
 from poe_core.nets import ArchSpec, BranchedModel, ExpertHead, Library, Network, WRNSpec, expert_head, init_weights
-from poe_core.prune import pruned_head
+from poe_core.prune import cutter
 from poe_core.recipe import Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import Taxonomy
 
@@ -376,9 +376,8 @@ def _initial_heads(library: Library, splits: Splits, heads: Mapping[str, HeadTar
     device = next(library.parameters()).device
     with torch.no_grad():
         features = library(Normalize(splits.mean, splits.std, device)(splits.train.x[:n].to(device))).float().cpu()
-    student = copy.deepcopy(student).cpu().float()
-    return {name: pruned_head(student, h.classes, spec_of(h).ks, features, spec.depth)
-            for name, h in heads.items()}
+    cut = cutter(copy.deepcopy(student).cpu().float(), features, spec.depth)  # the student runs once
+    return {name: cut(h.classes, spec_of(h).ks) for name, h in heads.items()}
 
 
 def task_splits(splits: Splits, classes: Sequence[int]) -> Splits:
