@@ -91,6 +91,7 @@ def extract(
     phase: Annotated[list[str] | None, typer.Option(help="Phase(s) to run: oracle, library, experts. Default: all.")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Primitive task(s) to extract experts for. Default: all.")] = None,
     from_pool: Annotated[Path | None, typer.Option(help="Take the oracle and library phases from this pool (its kept oracle, its library and student head), to retrain its experts only.")] = None,
+    keep_pool_widths: Annotated[bool, typer.Option(help="With --from-pool and --expert-widths: the pool's experts at the widths not retrained go into the new pool as they are.")] = False,
     oracle: Annotated[Path | None, typer.Option(help="Bring your own oracle instead of training one: a kept poe oracle (.safetensors with its .json) or any classifier exported to ONNX (.onnx).")] = None,
     oracle_classes: Annotated[Path | None, typer.Option(help="ONNX oracle: its output classes, a JSON list or one name per line (default: the data set's, in order).")] = None,
     oracle_mean: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation mean as R,G,B (default: the data set's).")] = None,
@@ -125,7 +126,7 @@ def extract(
     from pydantic import ValidationError
 
     from poe_core import distributed
-    from poe_core.extract import PHASES, run_phase
+    from poe_core.extract import PHASES, phase_done, run_phase
     from poe_core.oracle import OracleError
     from poe_core.recipe import ExtractionOptions
 
@@ -158,6 +159,8 @@ def extract(
         _validate_tasks(splits.taxonomy, tasks)
     if from_pool is not None and oracle is not None:
         fail("--from-pool brings the pool's own oracle: leave out --oracle")
+    if keep_pool_widths and from_pool is None:
+        fail("--keep-pool-widths keeps a pool's experts: give the pool with --from-pool")
     distributed.init(device)
     try:
         main = distributed.is_main()
@@ -181,6 +184,15 @@ def extract(
                         fail(str(e))
                     if info.get("val_acc") and main:
                         console.print(f"{p}: {_fmt(info['val_acc'])} ({info['seconds']:.0f} s)")
+        if keep_pool_widths and main and phase_done(work, "experts"):
+            from poe_core.extract import keep_pool_widths as keep
+
+            try:
+                kept = keep(work, _pool(from_pool))
+            except OracleError as e:
+                fail(str(e))
+            if kept:
+                console.print(f"experts at width(s) {', '.join(f'{w:g}' for w in kept)} kept from pool {from_pool}")
         if out is not None and main:
             from poe_core.pool import build_pool_from_work
 

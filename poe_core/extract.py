@@ -177,6 +177,39 @@ def seed_from_pool(work: Path, pool, splits: Splits) -> list[str]:
     return seeded
 
 
+def keep_pool_widths(work: Path, pool) -> list[float]:
+    """Give the finished experts phase of `work`, which retrained some of the expert
+    widths of `pool` on exactly its library (a work directory seeded by seed_from_pool),
+    the pool's own experts at the other widths, so the pool built from it keeps them
+    (a longer recipe spent on one width leaves the others as they were). The phase's
+    record says which widths were kept, from which pool and its experts' recipe.
+    Returns the widths added (none if there are none or they were added already)."""
+    info = phase_info(work, "experts")
+    library = phase_info(work, "library") if phase_done(work, "library") else {}
+    if library.get("seeded_from_pool") != pool.pool_id:
+        raise OracleError(f"{work}: its library is not that of pool {pool.pool_id} (not seeded from it), so the "
+                          "pool's experts do not fit it")
+    ours = spec_from_dict(info["architecture"])
+    theirs = spec_from_dict(pool.spec.architecture.expert)
+    if ours.with_ks(theirs.ks) != theirs:
+        raise OracleError(f"pool {pool.pool_id}: its experts are {theirs}, the work directory's {ours}")
+    missing = [t for t in info["tasks"] if t not in pool.tasks]
+    if missing:
+        raise OracleError(f"pool {pool.pool_id} has no experts for {', '.join(missing)}")
+    trained = [float(w) for w in info.get("widths") or [ours.ks]]
+    kept = [w for w in pool.widths if w not in trained]
+    if not kept or "kept_from_pool" in info:
+        return []
+    state = load_file(str(work / "experts.safetensors"))
+    for ks in kept:
+        for t in info["tasks"]:
+            state |= {f"{t}@{ks:g}.{k}": v for k, v in pool.expert(t, ks).state_dict().items()}
+    info = dict(info) | {"widths": sorted(trained + kept), "kept_from_pool": {
+        "pool": pool.pool_id, "widths": kept, "config": pool.spec.training.get("experts", {}).get("config")}}
+    _save_phase(work, "experts", state, info)
+    return kept
+
+
 def run_phase(
     phase: str, work: Path, splits: Splits, plan: ExtractionPlan,
     progress: ProgressFn | None = None,

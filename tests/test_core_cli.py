@@ -127,3 +127,35 @@ def test_experts_retrained_on_a_pools_own_oracle_and_library(pool, tmp_path):
     r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w2"), *tiny, "--from-pool", str(pool.root),
                                  "--oracle", str(pool.path(pool.spec.oracle.weights))])
     assert r.exit_code != 0 and "leave out --oracle" in r.output
+
+
+def test_one_width_retrained_the_pools_other_widths_kept(wide_pool, tmp_path):
+    """--keep-pool-widths: experts retrained at width 0.25 only (another recipe); the new
+    pool holds them and the old pool's experts at 0.5, bit for bit, and says so."""
+    from poe_core.pool import load_pool
+
+    tiny = ["--data", "synthetic", "--batch-size", "16", "--precision", "fp32", "--device", "cpu",
+            "--expert-arch", "10,0.5,0.25", "--expert-widths", "0.25", "--expert-epochs", "1", "--bank-views", "2",
+            "--phase", "experts", "--expert-lr", "0.01"]
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w"), *tiny, "--from-pool", str(wide_pool.root),
+                                 "--keep-pool-widths", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "experts at width(s) 0.5 kept from pool" in r.output
+    new = load_pool(tmp_path / "p")
+    assert new.widths == [0.25, 0.5]
+    kept = new.spec.training["experts"]["kept_from_pool"]
+    assert kept["pool"] == wide_pool.pool_id and kept["widths"] == [0.5]
+    assert new.spec.training["experts"]["config"]["lr"] == 0.01 != kept["config"]["lr"]
+    for task in wide_pool.tasks:
+        old, ours = wide_pool.expert(task, 0.5).state_dict(), new.expert(task, 0.5).state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in old.items())
+        assert new.part(task, 0.5).val_acc == pytest.approx(wide_pool.part(task, 0.5).val_acc)
+        retrained = new.expert(task, 0.25).state_dict()
+        assert any(not torch.equal(retrained[k], v) for k, v in wide_pool.expert(task, 0.25).state_dict().items())
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w2"), *tiny, "--keep-pool-widths"])
+    assert r.exit_code != 0 and "give the pool with --from-pool" in r.output
+    # Another pool's library: its experts do not fit this work directory's.
+    from poe_core.extract import keep_pool_widths
+    from poe_core.oracle import OracleError
+    with pytest.raises(OracleError, match="not that of pool"):
+        keep_pool_widths(tmp_path / "w", new)
