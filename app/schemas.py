@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poe_core.data import SOURCES
-from poe_core.recipe import ExtractionOptions
+from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, ExtractionOptions
 
 
 class Strict(BaseModel):
@@ -305,8 +305,13 @@ class TaskRequest(Strict):
     epochs: int | None = Field(None, ge=1, le=1000)
     lr: float | None = Field(None, gt=0, le=10)
     batch_size: int | None = Field(None, ge=1, le=4096)
-    bank_views: int = Field(8, ge=0, le=64, description="Views of a logit bank filled for this task, when "
-                            "no bank of the pool's oracle is found to reuse; 0 runs the oracle on every batch.")
+    bank_views: int = Field(COLD_VIEWS, ge=0, le=64, description="Views of a logit bank filled for this task, "
+                            "when no bank of the pool's oracle is found to reuse; 0 runs the oracle on every batch.")
+    bank_others_per_class: int | None = Field(
+        COLD_OTHERS_PER_CLASS, ge=0, le=100000,
+        description="Training images of each class outside the task that a bank filled for it covers, besides all "
+                    "of the task's (null: every image). The expert trains on those images for as many steps as "
+                    "its epochs over all of them. A bank found to reuse covers every image.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = Field(0, ge=0, le=2**31 - 1)

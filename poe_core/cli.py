@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from poe_core.data import SOURCES, input_options, load_splits
 from poe_core.nets import ArchSpec
-from poe_core.recipe import Architecture, ExtractionPlan
+from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, Architecture, ExtractionPlan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pool of Experts: distil an oracle into a pool, assemble models from it.")
@@ -421,7 +421,9 @@ def add_task(
     epochs: Annotated[int | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
     lr: Annotated[float | None, typer.Option(help="Default: the pool's experts' recipe.")] = None,
     init: Annotated[str | None, typer.Option(help="random or student (cut from the library's student head). Default: the pool's experts' recipe.")] = None,
-    bank_views: Annotated[int, typer.Option(help="Views of a logit bank filled here if none is found.")] = 8,
+    bank_views: Annotated[int, typer.Option(help="Views of a logit bank filled here if none is found.")] = COLD_VIEWS,
+    bank_others: Annotated[int, typer.Option(help="Images of each class outside the task that a bank filled here "
+                                                  "covers, besides all of the task's; -1: every image.")] = COLD_OTHERS_PER_CLASS,
     bank_from: Annotated[list[Path] | None, typer.Option(help="Work directories to look for a bank of the "
                                                                "pool's oracle in (e.g. the pool's extraction).")] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
@@ -440,7 +442,8 @@ def add_task(
     cfg = dataclasses.replace(default_config(loaded), precision=precision, device=device, **overrides)
     try:
         new = extend(loaded, out, splits, name, _split_words(classes + ctx.args), work=work, cfg=cfg,
-                     views=bank_views, bank_dirs=bank_from or [], say=console.print)
+                     views=bank_views, others_per_class=None if bank_others < 0 else bank_others,
+                     bank_dirs=bank_from or [], say=console.print)
     except ExtensionError as e:
         fail(str(e))
     console.print(f"{out}: pool {new.pool_id} with {len(new.tasks)} primitive tasks; {name}: validation "

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from poe_core.bank import CHUNK, LogitBank, ViewRecipe, bank_key, build_bank, build_features
-from poe_core.data import Normalize, Splits, apply_views
+from poe_core.data import ImageSet, Normalize, Splits, apply_views
 from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import spec_from_dict
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle
 from poe_core.pool import Pool, part_key
-from poe_core.recipe import ExtractionPlan, Progress, ProgressFn, TrainConfig
+from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, ExtractionPlan, Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import TaskError, Taxonomy
 
 log = logging.getLogger(__name__)
@@ -169,16 +169,37 @@ def find_bank(pool: Pool, oracle: Oracle, splits: Splits, recipe: ViewRecipe, ba
     return None
 
 
+def cold_images(train: ImageSet, classes: Sequence[int], others_per_class: int, seed: int = 0) -> torch.Tensor:
+    """The training images a bank filled for one task covers (in their order): every
+    image of the task's `classes`, and `others_per_class` images of each other class
+    drawn at random (seeded), which CKD needs to learn what the task is not."""
+    inside = torch.isin(train.y, torch.tensor(list(classes)))
+    rank = torch.empty(len(train), dtype=torch.int64)
+    rank[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))] = torch.arange(len(train))
+    keep = inside.clone()
+    for c in torch.unique(train.y[~inside]).tolist():
+        members = (train.y == c).nonzero().flatten()
+        keep[members[rank[members].argsort()[:others_per_class]]] = True
+    return keep.nonzero().flatten()
+
+
 def add_task(
     pool: Pool, out: str | Path, splits: Splits, name: str, classes: Sequence[str], *,
-    work: Path, cfg: TrainConfig | None = None, views: int = 8, bank_dirs: Sequence[Path] = (),
+    work: Path, cfg: TrainConfig | None = None, views: int = COLD_VIEWS, bank_dirs: Sequence[Path] = (),
+    others_per_class: int | None = COLD_OTHERS_PER_CLASS,
     progress: ProgressFn | None = None, say: Callable[[str], None] | None = None,
 ) -> Pool:
     """Train the expert of a new primitive task `name` over `classes` (at every width the
     pool holds) and write the extended pool to `out`; return it. `work` holds the
     logit bank filled here (if none is found in `work` or `bank_dirs`) and the
     training checkpoint, so an interrupted run resumes. `cfg` defaults to the recipe of
-    the pool's experts; `views` = 0 runs the oracle on every batch (poe oracles only)."""
+    the pool's experts; `views` = 0 runs the oracle on every batch (poe oracles only).
+
+    A bank found covers every training image. One filled here covers the task's own
+    images and `others_per_class` of every other class (None: every image), at `views`
+    views, and the expert trains on those images for as many steps as `cfg.epochs`
+    epochs over all of them: the oracle's forward passes, not the expert's steps, are
+    what such a cold start saves."""
     from poe_core.build import extend_pool
     from poe_core.train import train_experts
 
@@ -195,6 +216,8 @@ def add_task(
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    coverage = {"images": len(splits.train)}
+    train_splits = splits
     if views == 0:
         if oracle.module is None:
             raise ExtensionError("an ONNX oracle is read through a logit bank: use at least one view")
@@ -207,13 +230,20 @@ def add_task(
             say(f"reusing the logit bank {teacher.key} of the pool's oracle ({teacher.recipe.views} views) "
                 f"in {where.name}")
         else:
-            say(f"filling a logit bank of the kept oracle: {views} views of {len(splits.train)} images")
+            if others_per_class is not None:
+                keep = cold_images(splits.train, indices, others_per_class, cfg.seed)
+                train_splits = dataclasses.replace(splits, train=splits.train.subset(keep))
+                coverage = {"images": len(keep), "others_per_class": others_per_class}
+                cfg = dataclasses.replace(cfg, epochs=math.ceil(cfg.epochs * len(splits.train) / len(keep)))
+            say(f"filling a logit bank of the kept oracle: {views} views of {len(train_splits.train)} images"
+                + ("" if others_per_class is None else
+                   f" (the task's and {others_per_class} of every other class; {cfg.epochs} epochs over them)"))
 
             def report(done: int, total: int) -> None:
                 if progress is not None:
                     progress(Progress("bank", 1, 1, done, total, 0.0))
 
-            teacher = build_bank(oracle, splits.train, recipe, work, device=device, precision=precision,
+            teacher = build_bank(oracle, train_splits.train, recipe, work, device=device, precision=precision,
                                  progress=report)
             where = work
         # The library's stored features of the bank's views (left by the pool's own expert
@@ -221,16 +251,17 @@ def add_task(
         library, normalize = pool.library.to(device), Normalize(splits.mean, splits.std, device)
         for directory, compute in ((where, False), (work, cfg.epochs > teacher.recipe.views)):
             if teacher.features is None:
-                teacher = build_features(library, teacher, splits.train, directory, device=device,
+                teacher = build_features(library, teacher, train_splits.train, directory, device=device,
                                          precision=precision, normalize=normalize, compute=compute)
         teacher_info = {"teacher": "logit bank", "bank": {"key": teacher.key, **dataclasses.asdict(teacher.recipe),
-                                                          "library_features": teacher.features is not None}}
+                                                          "library_features": teacher.features is not None,
+                                                          **coverage}}
     bank_seconds = time.perf_counter() - t0
 
     taxonomy = Taxonomy(pool.taxonomy.classes, {**pool.taxonomy.tasks, name: tuple(indices)})
     expert_spec = spec_from_dict(pool.spec.architecture.expert)
     student = pool.student_head() if cfg.init == "student" else None
-    experts, result = train_experts(pool.library, teacher, dataclasses.replace(splits, taxonomy=taxonomy), [name],
+    experts, result = train_experts(pool.library, teacher, dataclasses.replace(train_splits, taxonomy=taxonomy), [name],
                                     expert_spec, cfg, widths=pool.widths, checkpoint=work / "expert.checkpoint",
                                     progress=progress, student=student)
     say(f"expert of {name}: validation accuracy {result.best_val_acc[part_key(name, pool.default_width)]:.2%} "

@@ -1,5 +1,7 @@
 """poe_core.extend: a pool extended with a custom primitive task, its other parts untouched."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -7,7 +9,7 @@ from typer.testing import CliRunner
 from poe_core.bank import ViewRecipe, build_features
 from poe_core.cli import app
 from poe_core.data import Normalize, make_synthetic
-from poe_core.extend import ExtensionError, add_task, check_data, find_bank, kept_oracle
+from poe_core.extend import ExtensionError, add_task, check_data, cold_images, find_bank, kept_oracle
 from poe_core.files import sha256_file
 from poe_core.pool import load_pool
 from poe_core.recipe import TrainConfig
@@ -47,6 +49,33 @@ def test_a_task_is_added_beside_byte_identical_parts_from_the_pools_bank(pool, w
         new.query(["mixed", "task0"])
     # A class query picks the owner that does not overlap the tasks already chosen.
     assert new.query(["mixed"], ["class1_0"]).tasks == ("mixed", "task1")
+
+
+def test_a_cold_bank_covers_the_tasks_images_and_a_sample_of_each_other_class(synthetic):
+    train, task = synthetic.train, [0, 3]
+    keep = cold_images(train, task, 5, seed=1)
+    assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
+    counts = torch.bincount(train.y[keep], minlength=6)
+    assert counts.tolist() == [int((train.y == c).sum()) if c in task else 5 for c in range(6)]
+    assert torch.equal(keep, cold_images(train, task, 5, seed=1))
+    assert not torch.equal(keep, cold_images(train, task, 5, seed=2))  # another seed, another sample
+    assert len(cold_images(train, task, 10**6)) == len(train)  # more than a class has: all of it
+
+
+def test_a_task_with_no_bank_to_reuse_fills_one_over_its_images_and_a_sample(pool, synthetic, tmp_path):
+    job = tmp_path / "job"
+    new = add_task(load_pool(pool.root), tmp_path / "new", synthetic, "odd", ["class1_1", "class2_0"],
+                   work=job, cfg=TINY, views=2, others_per_class=3)
+    added = new.spec.training["added_tasks"][-1]
+    keep = cold_images(synthetic.train, new.taxonomy.tasks["odd"], 3)
+    assert added["bank"]["images"] == len(keep) == int(torch.isin(
+        synthetic.train.y, torch.tensor(new.taxonomy.tasks["odd"])).sum()) + 4 * 3
+    assert added["bank"]["others_per_class"] == 3 and added["bank"]["views"] == 2
+    # As many steps as the pool's recipe over every image: more epochs over fewer images.
+    assert added["epochs"] == -(-TINY.epochs * len(synthetic.train) // len(keep))
+    (bank,) = job.glob("bank-*")
+    assert json.loads((bank / "state.json").read_text())["images"] == len(keep)
+    assert new.part("odd").files("fp32").val_acc == pytest.approx(new.accuracy(new.query(["odd"]), "fp32"))
 
 
 def test_the_data_must_be_the_pools(pool):

@@ -125,6 +125,7 @@ def run_add_task(stored: dict, work: Path, registry: PoolRegistry, bank_dirs: Se
     for leftover in work.glob(f".{bundle.name}.*"):  # left by an attempt killed while writing it
         shutil.rmtree(leftover, ignore_errors=True)
     add_task(pool, bundle, splits, request.name, request.classes, work=work, cfg=cfg, views=request.bank_views,
+             others_per_class=request.bank_others_per_class,
              bank_dirs=bank_dirs, progress=progress, say=reporter.line)
     reporter.phase("pool")
     return bundle
