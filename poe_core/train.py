@@ -345,8 +345,12 @@ def train_heads(
                 total = total + ckd_loss(out, target, cfg.temperature, cfg.alpha if kind == "ckd" else 0.0)
         return total
 
+    val_features = []
+
     def validate():
-        feats = _features(library, splits, cfg).to(device)
+        if not val_features:  # the library is frozen, so are its features of the validation images
+            val_features.append(_features(library, splits, cfg).to(device))
+        feats = val_features[0]
         accs = {}
         for name, head in experts.items():
             head.eval()
@@ -457,7 +461,7 @@ def _top1(model: nn.Module, name: str, splits: Splits, cfg: TrainConfig):
 
 
 def _features(library: Library, splits: Splits, cfg: TrainConfig) -> torch.Tensor:
-    """Library features of the validation images (computed once per validation)."""
+    """Library features of the validation images."""
     device = pick_device(cfg.device)
     return predict(library, splits.val, splits.mean, splits.std, device,
                    precision=_precision(cfg), channels_last=True)
