@@ -34,7 +34,7 @@ from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import spec_from_dict
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle
 from poe_core.pool import Pool, part_key
-from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, ExtractionPlan, Progress, ProgressFn, TrainConfig
+from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, TASK_EPOCHS, ExtractionPlan, Progress, ProgressFn, TrainConfig
 from poe_core.taxonomy import TaskError, Taxonomy
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,16 @@ def kept_oracle(pool: Pool, device: torch.device) -> Oracle:
 
 
 def default_config(pool: Pool) -> TrainConfig:
-    """The recipe the pool's own experts were trained with (else poe extract's default)."""
+    """The recipe the pool's own experts were trained with (else poe extract's default),
+    for at most TASK_EPOCHS epochs: a pool built offline may have spent more on its
+    experts than a task added while users wait should."""
     stored = pool.spec.training.get("experts", {}).get("config")
     if not stored:
-        return ExtractionPlan().expert_cfg
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
+        cfg = ExtractionPlan().expert_cfg
+    else:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in stored.items() if k in known})
+    return dataclasses.replace(cfg, epochs=min(cfg.epochs, TASK_EPOCHS))
 
 
 def _stored_bank(root: Path, images: int) -> LogitBank | None:

@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 from poe_core.bank import ViewRecipe, build_features
 from poe_core.cli import app
 from poe_core.data import Normalize, make_synthetic
-from poe_core.extend import ExtensionError, add_task, check_data, cold_images, find_bank, kept_oracle
+from poe_core.extend import (ExtensionError, add_task, check_data, cold_images, default_config, find_bank,
+                             kept_oracle)
 from poe_core.files import sha256_file
 from poe_core.pool import load_pool
-from poe_core.recipe import TrainConfig
+from poe_core.recipe import TASK_EPOCHS, TrainConfig
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(epochs=2, batch_size=16, lr=0.05, precision="fp32", device="cpu")
@@ -76,6 +77,15 @@ def test_a_task_with_no_bank_to_reuse_fills_one_over_its_images_and_a_sample(poo
     (bank,) = job.glob("bank-*")
     assert json.loads((bank / "state.json").read_text())["images"] == len(keep)
     assert new.part("odd").files("fp32").val_acc == pytest.approx(new.accuracy(new.query(["odd"]), "fp32"))
+
+
+def test_a_task_takes_the_pools_recipe_for_at_most_task_epochs(pool):
+    ours = load_pool(pool.root)
+    recipe = ours.spec.training["experts"]["config"]
+    assert default_config(ours).epochs == recipe["epochs"] < TASK_EPOCHS
+    assert default_config(ours).lr == recipe["lr"]
+    recipe["epochs"] = TASK_EPOCHS + 12  # a pool whose experts trained longer offline
+    assert default_config(ours).epochs == TASK_EPOCHS
 
 
 def test_the_data_must_be_the_pools(pool):
