@@ -34,7 +34,15 @@ from poe_core.device import machine_summary, pick_device, resolve_precision
 from poe_core.nets import spec_from_dict
 from poe_core.oracle import Oracle, OracleError, load_onnx_oracle, load_poe_oracle
 from poe_core.pool import Pool, part_key
-from poe_core.recipe import COLD_OTHERS_PER_CLASS, COLD_VIEWS, TASK_EPOCHS, ExtractionPlan, Progress, ProgressFn, TrainConfig
+from poe_core.recipe import (
+    COLD_OTHERS_PER_CLASS,
+    COLD_VIEWS,
+    TASK_EPOCHS,
+    ExtractionPlan,
+    Progress,
+    ProgressFn,
+    TrainConfig,
+)
 from poe_core.taxonomy import TaskError, Taxonomy
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 from poe_core.bank import ViewRecipe, build_features
 from poe_core.cli import app
 from poe_core.data import Normalize, make_synthetic
-from poe_core.extend import (ExtensionError, add_task, check_data, cold_images, default_config, find_bank,
-                             kept_oracle)
+from poe_core.extend import ExtensionError, add_task, check_data, cold_images, default_config, find_bank, kept_oracle
 from poe_core.files import sha256_file
 from poe_core.pool import load_pool
 from poe_core.recipe import TASK_EPOCHS, TrainConfig
