@@ -99,7 +99,7 @@ class ExtractionPlan:
 # a logit bank filled for it when none is found to reuse: its views, and how many
 # images of each class outside the task it covers besides all of the task's
 # (poe_core.extend.cold_images). Chosen for a new expert in about 5 minutes on 2 cores.
-TASK_EPOCHS = 8
+TASK_EPOCHS = 6
 COLD_VIEWS = 2
 COLD_OTHERS_PER_CLASS = 20
 
