@@ -236,6 +236,7 @@ def main() -> None:
     inits = args.cache / "expert_init.json"  # benchmarks/expert_init.py: how the experts' start was chosen
     fig["expert_init"] = json.loads(inits.read_text()) if inits.is_file() else None
     fig["experts_config"] = info["experts"].get("config", {})
+    fig["experts_kept"] = info["experts"].get("kept_from_pool")  # widths taken as they were from an earlier pool
 
     # The CKD model for one composite task of n(Q) = 5: its accuracy, and the wall time to
     # reach its best validation accuracy, timed alone (a 40-step run, scaled to epochs).
@@ -309,13 +310,22 @@ def _objectives(table: dict | None, chosen: str) -> list[str]:
             for a in table["arms"]]
     return [f"Library objective, chosen on validation by `python benchmarks/library_kd.py`: the same "
             f"{table['epochs']}-epoch one-cycle run from the bank of {table['views']} views per arm "
-            f"({table['machine']}, {table['precision']}); the shipped library uses `{chosen}`.", "",
+            f"({table['machine']}, {table['precision']}); the shipped library uses `{chosen}`.{_restored(table)}", "",
             "| objective | T | validation top-1 | time |", "| --- | --- | --- | --- |", *rows, ""]
 
 
-def _inits(table: dict | None, config: dict) -> list[str]:
+def _restored(table: dict) -> str:
+    return f" Figures {table['restored_from']}." if table.get("restored_from") else ""
+
+
+def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[str]:
     """Where the experts started (benchmarks/expert_init.py), if that comparison was run."""
     chosen = f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr {config.get('lr', '?')}"
+    if kept:
+        old = kept.get("config") or {}
+        chosen += (f"; at ks {', '.join(f'{w:g}' for w in kept['widths'])} the experts of pool {kept['pool']} as "
+                   f"they were (`{old.get('init', 'random')}` start, {old.get('epochs', '?')} epochs at lr "
+                   f"{old.get('lr', '?')})")
     if table is None:
         return [f"The experts were trained from a {chosen}; no comparison of starts was run.", ""]
     rows = [f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {100 * r['start']:.2f} | {100 * r['val_acc']:.2f} |"
@@ -324,7 +334,8 @@ def _inits(table: dict | None, config: dict) -> list[str]:
             f"paper's) or the library student's head cut to the expert's width and task, each arm the same "
             f"{table['epochs']}-epoch one-cycle CKD run from the bank of {table['views']} views, on the "
             f"{len(table['tasks'])} tasks below ({table['machine']}, {table['precision']}); mean task-specific "
-            f"validation accuracy before training and at the best epoch. The shipped experts: {chosen}.", "",
+            f"validation accuracy before training and at the best epoch. The shipped experts: {chosen}."
+            f"{_restored(table)}", "",
             "| start | lr | ks | before training | after |", "| --- | --- | --- | --- | --- |", *rows, ""]
 
 
@@ -378,7 +389,7 @@ def render(f: dict, pool) -> str:
         + " |",
         "| mean (paper) | 82.40 | 78.33 | 74.20 | 85.80 |",
         "",
-        *_inits(f["expert_init"], f["experts_config"]),
+        *_inits(f["expert_init"], f["experts_config"], f.get("experts_kept")),
         "## 3. Confidence outside the task (paper Fig. 5)",
         "",
         "![confidence](figures/confidence.png)",
