@@ -318,14 +318,16 @@ def _restored(table: dict) -> str:
     return f" Figures {table['restored_from']}." if table.get("restored_from") else ""
 
 
+def _recipe(config: dict) -> str:
+    return f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr {config.get('lr', '?')}"
+
+
 def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[str]:
     """Where the experts started (benchmarks/expert_init.py), if that comparison was run."""
-    chosen = f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr {config.get('lr', '?')}"
+    chosen = _recipe(config)
     if kept:
-        old = kept.get("config") or {}
         chosen += (f"; at ks {', '.join(f'{w:g}' for w in kept['widths'])} the experts of pool {kept['pool']} as "
-                   f"they were (`{old.get('init', 'random')}` start, {old.get('epochs', '?')} epochs at lr "
-                   f"{old.get('lr', '?')})")
+                   f"they were ({_recipe(kept.get('config') or {})})")
     if table is None:
         return [f"The experts were trained from a {chosen}; no comparison of starts was run.", ""]
     rows = [f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {100 * r['start']:.2f} | {100 * r['val_acc']:.2f} |"
