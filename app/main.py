@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app import errors, telemetry, web
 from app.api import admin, health, models, tasks
+from app.http import Lane
 from app.jobs.queue import recover_stale
 from app.metrics import TALLY
 from app.services import Services, admin_token
@@ -71,12 +73,21 @@ async def lifespan(app: FastAPI):
 
 
 class PoeAPI(FastAPI):
+    # What app.http's protocol may answer without ASGI: set with the middleware stack.
+    http_lanes: dict[tuple[bytes, bytes], Lane] = {}
+
     def build_middleware_stack(self):
         # Outside Starlette's error handling, so a 500 is timed and logged, and carries its
         # request id, like any answer. FastLane answers POST /models before the rest of the
         # stack; what it cannot answer goes through it (body limit, error handlers, routing).
-        lane = models.FastLane(super().build_middleware_stack(), self.state.settings.max_body_bytes)
-        return RequestTelemetry(lane, fast_paths={("POST", "/models"): "/models"})
+        max_bytes = self.state.settings.max_body_bytes
+        lane = models.FastLane(super().build_middleware_stack(), max_bytes)
+        telemetry = RequestTelemetry(lane, fast_paths={("POST", "/models"): "/models"})
+        # Under `poe serve`, POST /models for a file is answered by the HTTP protocol itself,
+        # with the same request id, metrics and access log; else it goes the ASGI way.
+        self.http_lanes = {(b"POST", b"/models"): Lane(telemetry.lane("POST", "/models", partial(lane.file, self)),
+                                                       max_bytes)}
+        return telemetry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -101,26 +101,45 @@ def _template(scope) -> str:
 
 
 class RequestTelemetry:
-    """Request id, metrics and access log of every HTTP request (see the module's docstring)."""
+    """Request id, metrics and access log of every HTTP request (see the module's docstring),
+    also of the requests app.http's lane answers without ASGI (`lane`)."""
 
     def __init__(self, app, fast_paths: dict[tuple[str, str], str] | None = None) -> None:
         self.app = app
-        # Requests answered before routing (app.api.models.FastLane): their route by (method, path).
+        # Requests answered before routing (app.api.models.FastLane, app.http's lane): their route by (method, path).
         self.fast_paths = fast_paths or {}
         self._children: dict[tuple[str, str, int], Histogram] = {}
+
+    @staticmethod
+    def request_id(headers) -> str:
+        """The request's own X-Request-ID when it is sane, else a new random one."""
+        for name, value in headers:
+            if name == b"x-request-id":
+                if SANE_REQUEST_ID(value):
+                    return value.decode()
+                break
+        # An id, not a secret: Mersenne Twister is 10x cheaper than urandom.
+        return f"{random.getrandbits(128):032x}"
+
+    def record(self, method: str, path: str, route: str | None, status: int, seconds: float) -> None:
+        """One request's histogram observation and access log line (`route`: its template,
+        None for "unmatched")."""
+        label = method if method in METHODS else "other"
+        key = (label, route or "unmatched", status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = HTTP_SECONDS.labels(label, key[1], str(status))
+        TALLY.observe(child, seconds)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %d", label, path, status,
+                     extra={"method": method, "path": path, "status": status,
+                            "duration_ms": round(seconds * 1000, 3)})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                if SANE_REQUEST_ID(value):
-                    request_id = value.decode()
-                break
-        if request_id is None:  # an id, not a secret: Mersenne Twister is 10x cheaper than urandom
-            request_id = f"{random.getrandbits(128):032x}"
+        request_id = self.request_id(scope["headers"])
         header = (b"x-request-id", request_id.encode())
         token = REQUEST_ID.set(request_id)
         status = 500  # unless an answer starts
@@ -135,17 +154,30 @@ class RequestTelemetry:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - started
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            route = self.fast_paths.get((method, scope["path"])) if "route" not in scope else None
-            route = route or _template(scope)
-            key = (method, route, status)
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = HTTP_SECONDS.labels(method, route, str(status))
-            TALLY.observe(child, seconds)
-            if log.isEnabledFor(logging.INFO):
-                log.info("%s %s %d", method, scope["path"], status,
-                         extra={"method": scope["method"], "path": scope["path"], "status": status,
-                                "duration_ms": round(seconds * 1000, 3)})
+            method, path = scope["method"], scope["path"]
+            route = self.fast_paths.get((method, path)) if "route" not in scope else None
+            self.record(method, path, route or _template(scope), status, time.perf_counter() - started)
             REQUEST_ID.reset(token)
+
+    def lane(self, method: str, path: str, answer):
+        """The handler of an app.http.Lane: `answer(headers, body)` gives the status, header
+        lines and body chunks of an answer, or None for the ordinary way; the handler adds
+        the request id to the answer, and tallies and logs the request as __call__ does."""
+        route = self.fast_paths[(method, path)]
+
+        def handle(headers, body: bytes, respond) -> bool:
+            started = time.perf_counter()
+            request_id = self.request_id(headers)
+            token = REQUEST_ID.set(request_id)
+            try:
+                answered = answer(headers, body)
+                if answered is None:
+                    return False
+                status, head, chunks = answered
+                respond(status, b"%sx-request-id: %s\r\n" % (head, request_id.encode()), chunks)
+                self.record(method, path, route, status, time.perf_counter() - started)
+                return True
+            finally:
+                REQUEST_ID.reset(token)
+
+        return handle

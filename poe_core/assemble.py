@@ -12,7 +12,9 @@ where the tail carries the graph's input and outputs, the Concat, the Gather of 
 requested classes when a query names classes (see poe_core.query), the Softmax and the
 "none of these" rule when asked for (see poe_core.reject), and the graph name; the
 model wraps that graph with a pre-serialized header and the metadata. Assembly is
-therefore a few memory copies, never a torch.onnx.export. Every expert width and every
+therefore a few small writes, never a torch.onnx.export: the model is that list of
+pieces (AssembledModel.chunks), the prepared fragments not even copied until the bytes
+are joined (AssembledModel.data). Every expert width and every
 weight format the pool offers (fp32, fp16, int8: see poe_core.formats) has its own
 fragments, all prepared when the Assembler is built. An expert's names are prefixed by
 its task only, whatever its width: a model holds one width per task, and the tail does
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import onnx
@@ -46,7 +48,11 @@ WIDTHS_KEY = "poe.widths"
 
 @dataclass(frozen=True)
 class AssembledModel:
-    data: bytes
+    """A composite model: its ONNX file is `chunks` end to end, the shared, prepared
+    fragments among them as they are (not copied: a server can write them out with one
+    writev); `data` joins them, once, when asked."""
+
+    chunks: tuple[bytes, ...]
     tasks: tuple[str, ...]
     labels: tuple[str, ...]
     output: str  # "logits" or "probabilities"
@@ -54,6 +60,14 @@ class AssembledModel:
     widths: tuple[float, ...] = ()  # ks of each task's expert ("poe")
     method: str = "poe"  # or "mask"
     reject: RejectRule | None = None
+
+    @cached_property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @cached_property
+    def size(self) -> int:
+        return sum(map(len, self.chunks))
 
 
 def prefix_graph(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
@@ -118,7 +132,14 @@ _SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # every one- and t
 
 def _varint(n: int) -> bytes:
     """n as a protobuf varint (a table lookup for the small ones every assembly writes)."""
-    return _SMALL_VARINTS[n] if n < 1 << 14 else _encode_varint(n)
+    if n < 1 << 14:
+        return _SMALL_VARINTS[n]
+    if n < 1 << 21:  # the length of a model's graph, up to 2 MB
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    return _encode_varint(n)
+
+
+_GRAPH_TAG = _varint(GRAPH_FIELD << 3 | 2)  # ModelProto.graph, length-delimited
 
 
 class Assembler:
@@ -161,16 +182,16 @@ class Assembler:
     def assemble(self, query: Query | Sequence[str], *, softmax: bool = False, weights: str = "fp32",
                  reject: RejectRule | None = None, reject_output: bool = False) -> AssembledModel:
         """The model answering `query` (a Query from pool.query, or a list of task
-        names), as ONNX bytes. `reject` (from pool.reject_rule) goes into the metadata
-        as poe.reject; `reject_output` also computes it in the graph, as the output
-        `accepted` (one bool per image)."""
+        names), as an ONNX file in pieces (`chunks`; `data` joins them). `reject` (from
+        pool.reject_rule) goes into the metadata as poe.reject; `reject_output` also
+        computes it in the graph, as the output `accepted` (one bool per image)."""
         q = query if isinstance(query, Query) else self.pool.query(query)
         if reject_output and reject is None:
             raise ValueError("reject_output needs the query's reject rule (pool.reject_rule(query, weights))")
-        labels = self._of_query(q).labels
+        pieces = self._of_query(q)
         output = "probabilities" if softmax else "logits"
-        data = b"".join(self._pieces(q, weights, output, reject, reject_output))
-        return AssembledModel(data, q.tasks, labels, output, weights, q.widths, q.method, reject)
+        chunks = tuple(self._pieces(q, weights, output, reject, reject_output, pieces))
+        return AssembledModel(chunks, q.tasks, pieces.labels, output, weights, q.widths, q.method, reject)
 
     def sizes(self, q: Query, choices: Sequence[Sequence[float]], weights: str = "fp32") -> list[int]:
         """Bytes of the plain model (logits, no reject output) for `q` at each choice of
@@ -200,20 +221,35 @@ class Assembler:
         return [fixed + len(_varint(g)) + g + m for g, m in zip(graph_bytes.tolist(), meta_bytes, strict=True)]
 
     def _pieces(self, q: Query, weights: str, output: str, reject: RejectRule | None,
-                reject_output: bool) -> list[bytes]:
-        fragments = self.fragments(weights)
-        graph = [fragments["library"], *(fragments[k] for k in self._of_query(q).heads),
-                 self._tail(q, output, reject if reject_output else None)]
-        return [self._headers[weights], _varint(GRAPH_FIELD << 3 | 2), _varint(sum(map(len, graph))), *graph,
-                self._metadata(q, output, weights, reject)]
+                reject_output: bool, pieces: _QueryPieces | None = None) -> list[bytes]:
+        pieces = pieces or self._of_query(q)
+        fragments = self._fragments.get(weights) or self.fragments(weights)
+        graph = [fragments["library"], *[fragments[k] for k in pieces.heads],
+                 self._tail(q, output, reject if reject_output else None, pieces)]
+        return [self._headers[weights], _GRAPH_TAG, _varint(sum(map(len, graph))), *graph,
+                self._metadata(q, output, weights, reject, pieces)]
 
-    def _tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
-        return self._plain_tail(q, output) if reject is None else self._write_tail(q, output, reject)
+    def _tail(self, q: Query, output: str, reject: RejectRule | None, pieces: _QueryPieces | None = None) -> bytes:
+        if reject is not None:
+            return self._write_tail(q, output, reject)
+        # _write_tail(q, output, None), from what it writes for the query alone.
+        pieces = pieces or self._of_query(q)
+        return b"".join((pieces.tail_nodes, self._softmax_field if output == "probabilities" else b"",
+                         pieces.tail_rest, self._output_field(output, len(q.classes))))
 
     def _write_tail(self, q: Query, output: str, reject: RejectRule | None) -> bytes:
         """The GraphProto fields closing the graph, written field by field: the Concat
         (its per-task inputs and its fixed rest prepared when the Assembler is built), the
         Gather, Softmax and reject rule when asked for, the name, the input and outputs."""
+        nodes, initializers, outputs = self._tail_parts(q, output, reject)
+        # GraphProto: node 1, name 2, initializer 5, input 11, output 12, in field order as
+        # protobuf writes them.
+        return b"".join([*(_field(1, n) for n in nodes), _field(2, _graph_name(q)),
+                         *(_field(5, t) for t in initializers), self._input_field, *(_field(12, o) for o in outputs)])
+
+    def _tail_parts(self, q: Query, output: str, reject: RejectRule | None
+                    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """The tail's nodes, initializers and outputs, each serialized."""
         gather = q.gathers(self.pool.taxonomy)
         nodes, initializers = [], []
         if q.method == "mask":
@@ -234,11 +270,14 @@ class Assembler:
             nodes.extend(n.SerializeToString() for n in extra_nodes)
             initializers.extend(t.SerializeToString() for t in extra_initializers)
             outputs.append(self._accepted)
-        name = (("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200]).encode()
-        # GraphProto: node 1, name 2, initializer 5, input 11, output 12, in field order as
-        # protobuf writes them.
-        return b"".join([*(_field(1, n) for n in nodes), _field(2, name), *(_field(5, t) for t in initializers),
-                         self._input_field, *(_field(12, o) for o in outputs)])
+        return nodes, initializers, outputs
+
+    def _output_field(self, output: str, classes: int) -> bytes:
+        key = (output, classes)
+        found = self._output_fields.get(key)
+        if found is None:
+            found = self._output_fields[key] = _field(12, self._output(output, classes))
+        return found
 
     def _output(self, output: str, classes: int) -> bytes:
         key = (output, classes)
@@ -248,11 +287,12 @@ class Assembler:
                 output, TensorProto.FLOAT, ["batch", classes]).SerializeToString()
         return found
 
-    def _metadata(self, q: Query, output: str, weights: str, reject: RejectRule | None) -> bytes:
+    def _metadata(self, q: Query, output: str, weights: str, reject: RejectRule | None,
+                  pieces: _QueryPieces | None = None) -> bytes:
         """ModelProto.metadata_props, written entry by entry; the JSON values are joined
         from pieces json.dumps wrote for each class and task when the Assembler was
         built, so they are byte for byte json.dumps of the whole."""
-        pieces = self._of_query(q)
+        pieces = pieces or self._of_query(q)
         props = [pieces.entries, self._pool_entries, self._choice_entries[output, weights], pieces.method_entries]
         if reject is not None:
             props.append(_entry("poe.reject", reject.to_json()))
@@ -274,14 +314,19 @@ class Assembler:
         if len(self.pool.widths) > 1 and q.method == "poe":
             method_entries += _entry(WIDTHS_KEY, _widths_json(q.tasks, q.widths))
         heads = (STUDENT,) if q.method == "mask" else tuple(map(part_key, q.tasks, q.widths))
-        return _QueryPieces(tuple(self.pool.taxonomy.classes[c] for c in q.classes), heads, entries, method_entries)
+        # The tail of a plain model (no reject output) but its Softmax and output, as
+        # _write_tail writes it: the fields before the Softmax node, those between it and the output.
+        nodes, initializers, _ = self._tail_parts(q, "logits", None)
+        tail_nodes = b"".join([_field(1, n) for n in nodes])
+        tail_rest = b"".join([_field(2, _graph_name(q)), *(_field(5, t) for t in initializers), self._input_field])
+        return _QueryPieces(tuple(self.pool.taxonomy.classes[c] for c in q.classes), heads, entries, method_entries,
+                            tail_nodes, tail_rest)
 
     def _prepare_tail_and_metadata(self) -> None:
         """The pieces of every tail and metadata that do not depend on the query, and
         memos of those that depend on it but not on the file's options (a composite task
         asked again in another format or output writes them once)."""
         self._of_query = lru_cache(maxsize=QUERY_MEMO)(self._query_pieces)
-        self._plain_tail = lru_cache(maxsize=QUERY_MEMO)(lambda q, output: self._write_tail(q, output, None))
         pool, taxonomy = self.pool, self.pool.taxonomy
         tasks = taxonomy.task_names
         self._concat_inputs = {t: _field(1, f"{t}/logits".encode()) for t in tasks}
@@ -294,6 +339,8 @@ class Assembler:
         self._input_field = _field(11, self._input.SerializeToString())
         self._accepted = helper.make_tensor_value_info(ACCEPTED, TensorProto.BOOL, ["batch"]).SerializeToString()
         self._outputs: dict[tuple[str, int], bytes] = {}
+        self._output_fields: dict[tuple[str, int], bytes] = {}
+        self._softmax_field = _field(1, self._softmax)
         self._class_json = [json.dumps(c) for c in taxonomy.classes]
         self._task_json = {t: json.dumps(t) for t in tasks}
         self._task_classes_json = {t: f"{json.dumps(t)}: {json.dumps(taxonomy.class_names(t))}" for t in tasks}
@@ -320,11 +367,17 @@ class _QueryPieces:
     heads: tuple[str, ...]  # the parts after the library, by part key
     entries: bytes  # poe.labels, poe.tasks, poe.task_classes
     method_entries: bytes  # poe.method and poe.widths, where they say something
+    tail_nodes: bytes  # the plain tail's nodes before the Softmax: Concat, Gather
+    tail_rest: bytes  # its name, initializers and input, between the Softmax and the output
+
+
+def _graph_name(q: Query) -> bytes:
+    return (("mask_" if q.method == "mask" else "poe_") + "+".join(q.tasks)[:200]).encode()
 
 
 def _field(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return b"".join((_SMALL_VARINTS[number << 3 | 2], _varint(len(payload)), payload))
 
 
 def _entry(key: str, value: str) -> bytes:

@@ -97,6 +97,8 @@ class Taxonomy:
         names = list(names)
         if not names:
             raise TaskError("the task list is empty: name at least one primitive task")
+        if self.tasks.keys() >= set(names) and len(set(names)) == len(names):  # the usual case, at a glance
+            return names
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(
@@ -111,6 +113,10 @@ class Taxonomy:
     def check_disjoint(self, names: Iterable[str]) -> None:
         """Raise TaskError if two of the named (valid) tasks share a class: a composite
         model outputs each class once."""
+        names = list(names)
+        classes = [self.tasks[name] for name in names]
+        if len(set().union(*classes)) == sum(map(len, classes)):  # the usual case, at a glance
+            return
         seen: dict[int, str] = {}
         for name in names:
             for c in self.tasks[name]:

@@ -15,6 +15,7 @@ from poe_core.budget import Budget, BudgetError, candidates, fit_budget, plan
 from poe_core.build import normalised
 from poe_core.evaluate import task_specific_accuracy
 from poe_core.formats import Unavailable
+from poe_core.pool import part_key
 from poe_core.reject import auroc, fit_reject, threshold_for
 from poe_core.taxonomy import TaskError
 
@@ -275,3 +276,23 @@ def test_an_assembly_from_remembered_pieces_is_the_same_model_in_every_option(po
             meta = _meta(model.data)
             assert json.loads(meta["poe.tasks"]) == ["task2", "task0"]
             assert meta["poe.output"] == ("probabilities" if softmax else "logits")
+
+
+def test_a_model_is_its_pieces_with_the_pools_parts_uncopied(wide_pool):
+    asm = Assembler(wide_pool)
+    for q in (wide_pool.query(["task2", "task0"], widths={"task2": 0.5}), wide_pool.query(classes=["class1_0"]),
+              wide_pool.query(["task1"], method="mask")):
+        model = asm.assemble(q, softmax=True, weights="fp16")
+        assert model.data == b"".join(model.chunks) and model.size == len(model.data)
+        onnx.checker.check_model(onnx.load_from_string(model.data))
+        fragments = asm.fragments("fp16")
+        parts = [fragments["library"]] + ([fragments["student"]] if q.method == "mask" else
+                                          [fragments[part_key(t, w)] for t, w in zip(q.tasks, q.widths, strict=True)])
+        assert [c for c in model.chunks if any(c is p for p in parts)] == parts  # the very objects, in order
+
+
+def test_varints_are_what_protobuf_writes():
+    from poe_core.assemble import _varint
+
+    for n in (0, 1, 127, 128, 300, 16383, 16384, 287_556, (1 << 21) - 1, 1 << 21, 1 << 35):
+        assert b"\x08" + _varint(n) == onnx.TensorProto(dims=[n]).SerializeToString(), n  # dims: field 1, varint

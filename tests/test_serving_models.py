@@ -2,22 +2,33 @@
 conversions happen once and never pile up."""
 
 import asyncio
+import hashlib
 import itertools
 
 import pytest
 from service_fixtures import make_settings
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.services import Services
-from app.serving.models import ModelCache, OrtFiles, ServerBusy, model_id, query_of, resolve
+from app.serving.lru import LRU, SizedLRU
+from app.serving.models import ModelCache, OrtFiles, RequestCounts, ServerBusy, model_id, query_of, resolve
+from app.store.db import Database
 from app.store.pools import import_pool
+from app.store.tables import TaskRequests
 
 
 @pytest.fixture
-def served(databases, tmp_path, pool):
+def started(databases, tmp_path, pool):
     services = Services.start(make_settings(databases, tmp_path))
     import_pool(services.db, services.blobs, pool.root, source="test", activate=True)
-    yield services.serving.pools.active()
+    yield services
     services.close()
+
+
+@pytest.fixture
+def served(started):
+    return started.serving.pools.active()
 
 
 def test_an_id_names_its_query_and_nothing_else(served):
@@ -78,3 +89,51 @@ def test_ort_conversions_happen_once_and_are_bounded(served):
     busy = OrtFiles(max_pending=0)
     with pytest.raises(ServerBusy):
         asyncio.run(busy.get(model))
+
+
+def test_lrus_forget_the_least_recently_used_first():
+    lru = LRU(2)
+    lru["a"], lru["b"] = 1, 2
+    assert lru.get("a") == 1  # now b is the oldest
+    lru["c"] = 3
+    assert "b" not in lru and lru.get("a") == 1 and lru["c"] == 3 and len(lru) == 2
+    lru["a"] = 4  # a replaced is used, not added
+    lru["d"] = 5
+    assert "c" not in lru and lru.get("a") == 4 and lru.pop("a") == 4 and lru.pop("a", "gone") == "gone"
+    sized = SizedLRU(10, getsizeof=len)
+    sized["x"], sized["y"] = b"1234", b"56789"
+    assert sized.currsize == 9 and sized.get("x") == b"1234"
+    sized["z"] = b"abc"  # over 10: y, the least recently used, goes
+    assert "y" not in sized and sized.currsize == 7 and len(sized) == 2
+    sized["x"] = b"12"
+    assert sized.currsize == 5 and sized.pop("z") == b"abc" and sized.currsize == 2
+    with pytest.raises(ValueError):
+        sized["big"] = b"x" * 11
+    assert sized.get("big") is None and sized.currsize == 2
+
+
+def test_a_served_model_is_its_chunks_and_its_head_is_its_headers(served):
+    model = ModelCache(max_bytes=1 << 24).get(served, resolve(served, ["task2", "task0"], softmax=True))
+    assert len(model.chunks) > 3 and model.size == len(model.data) == sum(map(len, model.chunks))
+    assert model.data == b"".join(model.chunks) == served.assembler.assemble(model.query.model, softmax=True).data
+    assert model.sha256 == hashlib.sha256(model.data).hexdigest()
+    assert model.head == b"".join(b"%s: %s\r\n" % header for header in model.raw_headers)
+    assert dict(model.raw_headers)[b"content-length"] == str(model.size).encode()
+    assert model.headers["x-model-id"] == model.id and model.headers["etag"] == f'"{model.etag}"'
+
+
+def test_request_counts_spread_composite_tasks_and_survive_a_failed_flush(started, tmp_path):
+    version = started.serving.pools.active().version
+    counts = RequestCounts()
+    for tasks in (("task0",), ("task0", "task1"), ("task0", "task1"), ("task2",)):
+        counts.count(version, tasks)
+    unreachable = Database(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}")
+    with pytest.raises(DBAPIError):
+        counts.flush(unreachable)
+    counts.count(version, ("task1",))
+    counts.flush(started.db)
+    counts.flush(started.db)  # nothing new: nothing added
+    with started.db.session() as session:
+        rows = dict(session.execute(select(TaskRequests.task, TaskRequests.requests)
+                                    .where(TaskRequests.pool_version == version)).all())
+    assert rows == {"task0": 3, "task1": 3, "task2": 1}

@@ -138,28 +138,48 @@ def _parse(served: ServedPool, body: bytes) -> tuple[ModelQuery, str, str]:
     return query, request.options.format, model_id(served, query)
 
 
-async def _model(serving, served: ServedPool, query: ModelQuery, file_format: str,
-                 ident: str | None = None) -> ServedModel:
+def _onnx(serving, served: ServedPool, query: ModelQuery, ident: str | None = None) -> ServedModel:
     served.require(query.tasks)
     served.pool.require_format(query.weights)
     model = serving.models.get(served, query, ident)
     serving.counts.count(served.version, query.tasks)
+    return model
+
+
+async def _model(serving, served: ServedPool, query: ModelQuery, file_format: str,
+                 ident: str | None = None) -> ServedModel:
+    model = _onnx(serving, served, query, ident)
     return await serving.ort.get(model) if file_format == "ort" else model
 
 
-async def _posted(serving, body: bytes) -> ServedModel:
-    """The model a POST /models body asks for, from the active pool. A body seen
-    recently is looked up with the query it parsed to."""
-    pools = serving.pools
-    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
+def _parsed(serving, served: ServedPool, body: bytes) -> tuple[ModelQuery, str, str]:
+    """_parse, looked up first among the bodies seen recently (with the query they parsed to)."""
     key = (served.version, body)
     parsed = serving.queries.get(key)
     if parsed is None:
         parsed = _parse(served, body)
         if len(body) <= MEMO_BODY_BYTES:
             serving.queries[key] = parsed
-    query, file_format, ident = parsed
+    return parsed
+
+
+async def _posted(serving, body: bytes) -> ServedModel:
+    """The model a POST /models body asks for, from the active pool."""
+    pools = serving.pools
+    served = pools.active_if_fresh() or await run_in_threadpool(pools.active)
+    query, file_format, ident = _parsed(serving, served, body)
     return await _model(serving, served, query, file_format, ident)
+
+
+def posted_file(serving, body: bytes) -> ServedModel | None:
+    """_posted without waiting for anything: the ONNX file, or None when the answer would
+    have to wait (the active version not known fresh, an ORT conversion). Raises as
+    _posted does."""
+    served = serving.pools.active_if_fresh()
+    if served is None:
+        return None
+    query, file_format, ident = _parsed(serving, served, body)
+    return _onnx(serving, served, query, ident) if file_format == "onnx" else None
 
 
 @router.post(
@@ -298,6 +318,15 @@ async def plan_models(request: Request, size: Annotated[Literal["params", "bytes
     return JSONResponse(answer)
 
 
+def _wants_file(headers) -> bool:
+    """Whether a POST /models asks for the file (not for JSON metadata): its Accept header."""
+    accept = b""
+    for name, value in headers:
+        if name == b"accept":
+            accept = value
+    return not accept or not wants_json(accept.decode("latin-1"))
+
+
 class FastLane:
     """POST /models answered with its file at the ASGI level, before FastAPI's middleware
     stack, routing, dependency solving and Starlette's request and response objects:
@@ -305,7 +334,11 @@ class FastLane:
     limit takes the lane, and only for a file answer; a chunked or oversized body, a
     request for JSON metadata, and every request the lane cannot answer with a model (its
     body replayed) go the ordinary way, through the body limit and the error handlers,
-    where create_model raises the same error for its handler to answer."""
+    where create_model raises the same error for its handler to answer.
+
+    `file` is the same lane without ASGI, for app.http's protocol (app.main wires it
+    through app.telemetry): it answers from the HTTP parser's callback, or says that the
+    request must go the ordinary way."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -314,12 +347,10 @@ class FastLane:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/models":
             return await self.app(scope, receive, send)
-        length = accept = b""
+        length = b""
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
-            elif name == b"accept":
-                accept = value
         if not length.isdigit() or int(length) > self.max_bytes:
             return await self.app(scope, receive, send)
         chunks = []
@@ -331,7 +362,7 @@ class FastLane:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if not accept or not wants_json(accept.decode("latin-1")):
+        if _wants_file(scope["headers"]):
             try:
                 model = await _posted(scope["app"].state.services.serving, body)
             except Exception:
@@ -350,3 +381,16 @@ class FastLane:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    def file(app, headers, body: bytes) -> tuple[int, bytes, tuple[bytes, ...]] | None:
+        """The status, header lines and body chunks of the file a POST /models asks for,
+        from `app`'s serving runtime; None when the request must go the ordinary way (JSON
+        asked for, an answer that would wait, an error to be answered by its handler)."""
+        if not _wants_file(headers):
+            return None
+        try:
+            model = posted_file(app.state.services.serving, body)
+        except Exception:
+            return None
+        return None if model is None else (200, model.head, model.chunks)

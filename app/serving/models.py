@@ -35,12 +35,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from functools import cached_property
 
 import onnxruntime
 from cachetools import LRUCache
 
 from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS, TALLY
+from app.serving.lru import LRU, SizedLRU
 from app.serving.registry import ServedPool
 from app.store.db import Database
 from app.store.rows import add_task_requests
@@ -55,6 +55,9 @@ ONNX = "application/octet-stream"
 ONNX_BYTES = ONNX.encode()
 # A model's bytes never change under its ETag (its id and the content-addressed pool's).
 IMMUTABLE = b"public, max-age=31536000, immutable"
+# A model file answer's headers (ServedModel.raw_headers), and the same as HTTP/1.1 lines to fill in.
+FILE_HEADERS = (b"content-type", b"content-length", b"etag", b"cache-control", b"x-model-id", b"content-disposition")
+FILE_HEAD = b"".join(name + b": %s\r\n" for name in FILE_HEADERS)
 MAX_VERSION = 2**31 - 1  # the pools.version column's range
 MAX_ID = 4096  # characters: a class subject of about a thousand classes
 _WIDTH = r"\d{1,3}(?:\.\d{1,6})?"
@@ -62,6 +65,29 @@ MODEL_ID = re.compile(
     r"(\d{1,10})-([0-9a-f]{8})-([0-9a-f]{1,64}|c\d{1,6}(?:\.\d{1,6})*t[0-9a-f]{1,64})-(logits|probabilities)"
     r"-(fp32|fp16|int8)"
     rf"(-mask)?(?:-w({_WIDTH}(?:_{_WIDTH})*))?(-reject)?")
+
+
+UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+class once:
+    """functools.cached_property without its lock (before Python 3.12 it takes an RLock on
+    every first access: several per uncached answer). Two threads computing the same
+    value at once compute it twice, and one of two equal values is kept."""
+
+    def __init__(self, func) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.func(instance)
+        return value
 
 
 class ServerBusy(Exception):
@@ -125,17 +151,36 @@ def subject(served: ServedPool, m: Composite) -> str:
     return mask if _whole_tasks(served, m) else "c" + ".".join(map(str, m.classes)) + "t" + mask
 
 
-def model_id(served: ServedPool, query: Query) -> str:
-    m = query.model
-    ident = f"{served.version}-{served.pool_id[:8]}-{served.subject(m)}-{query.output}-{query.weights}"
-    if m.method == "mask":
-        ident += "-mask"
+@dataclass(frozen=True)
+class Names:
+    """What a model id and a file name say of a composite model, whatever the file's
+    options: ServedPool.names remembers them per composite model."""
+
+    id_head: str  # "<version>-<pool id[:8]>-<subject>"
+    id_tail: str  # "-mask", "-w<ks>_<ks>..." where they apply
+    file_stem: str | None  # its tasks, or its classes, joined by "+"; None when too long (see file_name)
+    file_tail: str  # "-mask", "-ks<ks>_<ks>..." where they apply
+    count: int  # how many tasks or classes the stem names
+    by_class: bool  # whether it names classes
+
+
+def names(served: ServedPool, m: Composite) -> Names:
+    """The Names of composite model `m` in this pool version (ServedPool.names remembers them)."""
+    subject_ = subject(served, m)
+    by_class = subject_.startswith("c")  # see file_name
+    mask = "-mask" if m.method == "mask" else ""
     default = served.pool.default_width
-    if any(w != default for w in m.widths):
-        ident += "-w" + "_".join(f"{w:g}" for w in m.widths)
-    if query.reject_output:
-        ident += "-reject"
-    return ident
+    widths = "_".join(f"{w:g}" for w in m.widths) if any(w != default for w in m.widths) else None
+    named = [served.pool.taxonomy.classes[c] for c in m.classes] if by_class else m.tasks
+    stem = UNSAFE_IN_NAME.sub("_", "+".join(named))
+    return Names(f"{served.version}-{served.pool_id[:8]}-{subject_}", mask + ("" if widths is None else
+                 f"-w{widths}"), stem if len(stem) <= 80 else None, mask + ("" if widths is None else f"-ks{widths}"),
+                 len(named), by_class)
+
+
+def model_id(served: ServedPool, query: Query) -> str:
+    n = served.names(query.model)
+    return f"{n.id_head}-{query.output}-{query.weights}{n.id_tail}{'-reject' if query.reject_output else ''}"
 
 
 @dataclass(frozen=True)
@@ -244,64 +289,81 @@ class ModelInfo:
     mask: dict | None  # what SMART's mask would score for the query ("poe" answers)
 
 
-def file_name(query: Query, labels: Sequence[str], ident: str, file_format: str) -> str:
-    """The download's name: its tasks, or its classes when it outputs other than whole
-    tasks, and its options (read from the id's dash-separated fields, see model_id)."""
-    m, fields = query.model, ident.split("-")
-    by_class = fields[2].startswith("c")
-    names = labels if by_class else m.tasks
-    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(names))
-    if len(stem) > 80:
-        stem = f"{len(names)}-{'classes' if by_class else 'tasks'}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
-    widths = next((f[1:] for f in fields[5:] if f.startswith("w")), None)
-    suffix = ("-mask" if m.method == "mask" else "") + ("" if widths is None else "-ks" + widths) + \
-             ("-softmax" if query.output == "probabilities" else "") + \
-             ("" if query.weights == "fp32" else f"-{query.weights}") + ("-reject" if query.reject_output else "")
-    return f"poe-{stem}{suffix}.{file_format}"
+def file_name(served: ServedPool, query: Query, ident: str, file_format: str) -> str:
+    """The download's name: its tasks, or its classes when the id's subject starts with
+    "c" (class-level queries; also a whole-task mask that starts with hex digit c, as it
+    always has been), their number and a hash of the id when that is over 80 characters,
+    and its options, as the id says them (see model_id)."""
+    n = served.names(query.model)
+    stem = n.file_stem or (f"{n.count}-{'classes' if n.by_class else 'tasks'}-"
+                           f"{hashlib.sha256(ident.encode()).hexdigest()[:8]}")
+    return (f"poe-{stem}{n.file_tail}{'-softmax' if query.output == 'probabilities' else ''}"
+            f"{'' if query.weights == 'fp32' else '-' + query.weights}{'-reject' if query.reject_output else ''}"
+            f".{file_format}")
 
 
 @dataclass
 class ServedModel:
-    """A model file (ONNX, or its ORT conversion) and what is told about it."""
+    """A model file (ONNX, or its ORT conversion) and what is told about it. The file is
+    `chunks` end to end (an assembled model's pieces, the pool's shared fragments among
+    them, not copied); `data` joins them when first asked."""
 
     served: ServedPool
     query: Query
     id: str
-    data: bytes = field(repr=False)
+    chunks: tuple[bytes, ...] = field(repr=False)
     labels: tuple[str, ...]
     format: str = "onnx"
     rule: RejectRule | None = field(default=None, repr=False)  # the one in the graph, if any
+    size: int = field(init=False)
 
-    @cached_property
+    def __post_init__(self) -> None:
+        self.size = sum(map(len, self.chunks))
+
+    @once
+    def data(self) -> bytes:
+        """The file as one bytes object (an ORT conversion, a Starlette response, the ASGI
+        lane); app.http's lane writes `chunks` as they are."""
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+    @once
     def sha256(self) -> str:
         """Computed when asked (metadata): the ETag needs no hash of the bytes."""
-        return hashlib.sha256(self.data).hexdigest()
+        digest = hashlib.sha256()
+        for chunk in self.chunks:
+            digest.update(chunk)
+        return digest.hexdigest()
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @cached_property
+    @once
     def etag(self) -> str:
         tag = f"{self.id}.{self.served.pool_id}"
         return tag if self.format == "onnx" else f"{tag}.{self.format}-onnxruntime-{onnxruntime.__version__}"
 
-    @cached_property
-    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """The file answer's headers, encoded once: the hot path sends them as they are."""
+    @once
+    def _header_values(self) -> tuple[bytes, ...]:
         # onnxruntime does not write an ORT file byte for byte the same twice: equivalent, so a weak ETag.
         etag = f'"{self.etag}"' if self.format == "onnx" else f'W/"{self.etag}"'
-        name = file_name(self.query, self.labels, self.id, self.format)
-        return ((b"content-type", ONNX_BYTES), (b"content-length", b"%d" % self.size),
-                (b"etag", etag.encode()), (b"cache-control", IMMUTABLE), (b"x-model-id", self.id.encode()),
-                (b"content-disposition", f'attachment; filename="{name}"'.encode("latin-1")))
+        name = file_name(self.served, self.query, self.id, self.format)
+        return (ONNX_BYTES, b"%d" % self.size, etag.encode(), IMMUTABLE, self.id.encode(),
+                f'attachment; filename="{name}"'.encode("latin-1"))
 
-    @cached_property
+    @once
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The file answer's headers, encoded once: the hot path sends them as they are."""
+        return tuple(zip(FILE_HEADERS, self._header_values, strict=True))
+
+    @once
+    def head(self) -> bytes:
+        """raw_headers as HTTP/1.1 header lines, for app.http's lane (which adds the status
+        line, the server's own headers and the request id)."""
+        return FILE_HEAD % self._header_values
+
+    @once
     def headers(self) -> dict[str, str]:
         """raw_headers but the type and length, for a Starlette Response (which sets those)."""
         return {k.decode(): v.decode("latin-1") for k, v in self.raw_headers[2:]}
 
-    @cached_property
+    @once
     def info(self) -> ModelInfo:
         """Computed when asked (a metadata answer), once: the file answer needs none of it."""
         pool, q = self.served.pool, self.query
@@ -332,15 +394,15 @@ class ServedModel:
 class ModelCache:
     """Assembled ONNX models in a byte-bounded LRU, keyed by model id, that admits a model
     the second time it is asked for: a stream of one-off queries would otherwise keep
-    evicting the models that are asked for again, and would write each new file into
-    fresh memory (a third of an uncached answer's cost) where a model let go at once
-    leaves its memory to the next. The last model assembled is held until the next one,
-    so a burst of requests for one new model assembles it once. Assembly takes tens of
-    microseconds, so it runs under the cache's lock."""
+    evicting the models that are asked for again. A model is counted at its file's size,
+    though it holds only its own small pieces (the pool's parts are shared) until its
+    bytes are joined (ServedModel.data). The last model assembled is held until the next
+    one, so a burst of requests for one new model assembles it once. Assembly takes tens
+    of microseconds, so it runs under the cache's lock."""
 
     def __init__(self, max_bytes: int, doorkeeper: int = 16384) -> None:
-        self._models: LRUCache = LRUCache(maxsize=max_bytes, getsizeof=lambda m: m.size)
-        self._seen: LRUCache = LRUCache(maxsize=doorkeeper)  # ids asked for once, recently
+        self._models = SizedLRU(max_bytes, getsizeof=lambda m: m.size)
+        self._seen = LRU(doorkeeper)  # ids asked for once, recently
         self._last: ServedModel | None = None
         self._lock = threading.Lock()
         self.assemblies = 0
@@ -365,7 +427,7 @@ class ModelCache:
             TALLY.observe(ASSEMBLY_SECONDS, time.perf_counter() - started)
             TALLY.inc(CACHE_MISS)
             self.assemblies += 1
-            model = self._last = ServedModel(served, query, ident, assembled.data, assembled.labels, rule=rule)
+            model = self._last = ServedModel(served, query, ident, assembled.chunks, assembled.labels, rule=rule)
             if self._seen.pop(ident, None) is not None and model.size <= self._models.maxsize:
                 self._models[ident] = model
             else:
@@ -395,7 +457,7 @@ class OrtFiles:
         self.max_pending = max_pending
 
     def _convert(self, model: ServedModel) -> ServedModel:
-        converted = ServedModel(model.served, model.query, model.id, to_ort(model.data), model.labels, "ort",
+        converted = ServedModel(model.served, model.query, model.id, (to_ort(model.data),), model.labels, "ort",
                                 model.rule)
         with self._lock:
             self._files[model.etag] = converted
@@ -424,20 +486,27 @@ class OrtFiles:
 
 class RequestCounts:
     """Requests per (pool version, primitive task), gathered in memory and added to the
-    task_requests table by `flush`: bounded by the pools' tasks, whatever clients ask."""
+    task_requests table by `flush`: bounded by the pools' tasks, whatever clients ask. A
+    request counts its composite task as it is; `flush` (on a thread of its own) spreads
+    those over their primitive tasks."""
 
     def __init__(self) -> None:
-        self._counts: Counter[tuple[int, str]] = Counter()
+        self._asked: dict[tuple[int, tuple[str, ...]], int] = {}  # (version, composite task) -> requests
+        self._counts: Counter[tuple[int, str]] = Counter()  # what a failed flush kept for the next
         self._lock = threading.Lock()
 
-    def count(self, version: int, tasks) -> None:
+    def count(self, version: int, tasks: tuple[str, ...]) -> None:
+        key = (version, tasks)
         with self._lock:
-            for task in tasks:
-                self._counts[version, task] += 1
+            self._asked[key] = self._asked.get(key, 0) + 1
 
     def flush(self, db: Database) -> None:
         with self._lock:
+            asked, self._asked = self._asked, {}
             counts, self._counts = self._counts, Counter()
+        for (version, tasks), n in asked.items():
+            for task in tasks:
+                counts[version, task] += n
         if counts:
             try:
                 with db.session() as session:

@@ -66,14 +66,17 @@ class ServedPool:
         return {t: i for i, t in enumerate(self.tasks)}
 
     @cached_property
-    def subject(self):
-        """The subject part of model ids (app.serving.models.subject), remembered per composite model."""
-        from app.serving.models import subject
+    def names(self):
+        """What model ids and file names say of a composite model (app.serving.models.names),
+        remembered per composite model."""
+        from app.serving.models import names
 
-        return lru_cache(maxsize=QUERY_MEMO)(lambda m: subject(self, m))
+        return lru_cache(maxsize=QUERY_MEMO)(lambda m: names(self, m))
 
     def require(self, tasks) -> None:
         """Raise PoolUnavailable, naming the file, if a validated task's expert is damaged."""
+        if not self.damaged:
+            return
         broken = [f"{t} ({self.damaged[t]})" for t in tasks if t in self.damaged]
         if broken:
             raise PoolUnavailable(f"pool version {self.version} cannot serve {', '.join(broken)}; importing "
