@@ -84,16 +84,7 @@ async def _app(scope, receive, send):
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http="app.http:HttpProtocol", loop="uvloop",
-                            log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    server, thread, port = _serve(_app)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
