@@ -8,6 +8,9 @@ PostgreSQL those tests are skipped, unless POE_TEST_REQUIRE_POSTGRES=1.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from app.logs import JsonFormatter
 from app.main import create_app
 from app.services import Services
 from app.settings import Settings
@@ -230,3 +234,18 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def access_log():
+    """The JSON lines the access logger writes meanwhile."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("poe.access")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import re
 
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import ADMIN, ADMIN_TOKEN, make_settings, tiny_extraction
 
-from app.logs import JsonFormatter
 from app.main import create_app
 
 ONNX_JSON = {"Accept": "application/json"}
@@ -27,21 +22,6 @@ def _samples(client) -> dict:
 
 def _value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def access_log():
-    """The JSON lines the access logger writes meanwhile."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("poe.access")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_every_answer_has_a_request_id_taken_when_sane(client):
