@@ -4,8 +4,11 @@
 
 Needs a finished extraction work directory (oracle, library, experts) and the pool built
 from it. Trains the baselines (Transfer, Scratch) and the loss ablation itself; every
-trained result is cached in --cache so an interrupted run resumes. All selection is on
-the validation split; every figure printed is on the test split.
+trained result is cached in --cache so an interrupted run resumes. With --reuse (the
+reproduction.json of an earlier run on the same oracle and library, e.g. after retraining
+only the experts) those are taken from that run instead: they do not depend on the
+experts, and the ablation's logit bank need not be built again. All selection is on the
+validation split; every figure printed is on the test split.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from poe_core.assemble import Assembler
-from poe_core.bank import LogitBank, ViewRecipe, build_bank, build_features
+from poe_core.bank import LogitBank, ViewRecipe, build_bank, build_features, module_fingerprint
 from poe_core.data import Normalize, load_cifar100_npy
 from poe_core.device import resolve_precision
 from poe_core.evaluate import cross_expert_error_share, predict, task_specific_accuracy
@@ -89,7 +92,11 @@ def main() -> None:
                     help="epochs of Transfer and Scratch (cheap: they see only their task's images)")
     ap.add_argument("--ablation-epochs", type=int, default=4,
                     help="epochs of every head of the loss ablation (all variants the same)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="reproduction.json of an earlier run on the same oracle and library: take its "
+                         "Transfer and Scratch baselines and its loss ablation instead of training them")
     args = ap.parse_args()
+    earlier = json.loads(args.reuse.read_text()) if args.reuse else None
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -105,8 +112,8 @@ def main() -> None:
     expert_spec = WRNSpec(**info["experts"]["architecture"])
     library_spec = WRNSpec(**info["library"]["architecture"])
     say = lambda *a: print(*a, flush=True)  # noqa: E731
-    fig: dict = {}
-    teacher = teacher_of(args.work, splits, library)
+    fig: dict = {"pool_id": pool.pool_id,
+                 "fingerprints": {"oracle": module_fingerprint(oracle), "library": module_fingerprint(library)}}
 
     # 1. Oracle and library (paper Table 1).
     oracle_logits = cached(args.cache, "oracle_test", lambda: predict(oracle, test, splits.mean, splits.std, CPU))
@@ -122,6 +129,10 @@ def main() -> None:
                       "flops": count_flops(student, (3, 32, 32)),
                       "train_seconds": info["library"]["seconds"], "epochs": info["library"]["epochs"]}
     say("oracle", fig["oracle"]["test_acc"], "library student", fig["library"]["test_acc"])
+    reused = _reusable(earlier, fig) if earlier is not None else None
+    if reused is not None:
+        fig["reused"] = reused
+        say("baselines and ablation taken from", args.reuse, reused)
 
     # CKD experts of the pool: logits of the very ONNX parts the service assembles.
     def pool_test_logits():
@@ -145,22 +156,34 @@ def main() -> None:
             model, _ = train_scratch(splits, classes, library_spec, expert_spec, base_cfg)
             return predict(model, test, splits.mean, splits.std, CPU)
 
-        transfer_logits[task] = cached(args.cache, f"transfer_{task}", transfer)
-        scratch_logits[task] = cached(args.cache, f"scratch_{task}", scratch)
         t2["CKD"].append(task_specific_accuracy(ckd_logits[task], test.y, classes))
-        t2["Transfer"].append(task_specific_accuracy(transfer_logits[task], test.y, classes))
-        t2["Scratch"].append(task_specific_accuracy(scratch_logits[task], test.y, classes))
+        if reused is not None:
+            for k in ("Transfer", "Scratch"):
+                t2[k].append(earlier["table2"][k]["per_task"][task])
+        else:
+            transfer_logits[task] = cached(args.cache, f"transfer_{task}", transfer)
+            scratch_logits[task] = cached(args.cache, f"scratch_{task}", scratch)
+            t2["Transfer"].append(task_specific_accuracy(transfer_logits[task], test.y, classes))
+            t2["Scratch"].append(task_specific_accuracy(scratch_logits[task], test.y, classes))
         t2["Oracle"].append(task_specific_accuracy(oracle_logits, test.y, classes))
         say(task, {k: round(v[-1], 4) for k, v in t2.items()})
     fig["table2"] = {k: {"per_task": dict(zip(TASKS, v, strict=True)), "mean": statistics.mean(v),
                          "std": statistics.pstdev(v)} for k, v in t2.items()}
 
     # 3. Confidence on out-of-task images (Fig. 5).
+    sources = (("CKD", ckd_logits),) if reused is not None else (
+        ("CKD", ckd_logits), ("Transfer", transfer_logits), ("Scratch", scratch_logits))
     conf = {name: np.concatenate([max_prob_out_of_task(src[t], test.y, tax.tasks[t]) for t in TASKS])
-            for name, src in (("CKD", ckd_logits), ("Transfer", transfer_logits), ("Scratch", scratch_logits))}
+            for name, src in sources}
     fig["confidence"] = {k: {"mean_max_prob": float(v.mean()), "share_above_0.9": float((v > 0.9).mean())}
                          for k, v in conf.items()}
-    _histogram(conf, args.out / "figures" / "confidence.png")
+    fig["histogram"] = {k: (np.histogram(v, HISTOGRAM_BINS)[0] / len(v)).tolist() for k, v in conf.items()}
+    if reused is not None:
+        for k in ("Transfer", "Scratch"):
+            fig["confidence"][k] = earlier["confidence"][k]
+            if k in earlier.get("histogram", {}):
+                fig["histogram"][k] = earlier["histogram"][k]
+    _histogram(fig["histogram"], args.out / "figures" / "confidence.png")
 
     # 4. Consolidation (Table 3): all combinations of the 6 tasks, n(Q) = 2..5.
     assembler = Assembler(pool)
@@ -213,28 +236,27 @@ def main() -> None:
         return {"logits": logits, "best_epoch": result.best_epoch, "val": result.best_val_acc,
                 "seconds": result.seconds}
 
-    abl = cached(args.cache, "ablation", ablation)
-    t5 = {}
-    for kind in ("soft", "scale", "ckd"):
-        per = {t: abl["logits"][f"{kind}:{t}"] for t in TASKS}
-        expert_acc = [task_specific_accuracy(per[t], test.y, tax.tasks[t]) for t in TASKS]
-        combos = {n: [task_specific_accuracy(torch.cat([per[t] for t in c], 1), test.y,
-                                             tax.composite_classes(c)) for c in itertools.combinations(TASKS, n)]
-                  for n in (2, 3, 4, 5)}
-        cross = [cross_expert_error_share(per, test.y, tax, c) for n in (2, 3, 4, 5)
-                 for c in itertools.combinations(TASKS, n)]
-        t5[kind] = {"expert_mean": statistics.mean(expert_acc),
-                    "poe": {n: statistics.mean(v) for n, v in combos.items()},
-                    "cross_expert_share": statistics.mean(cross)}
+    if reused is not None:
+        teacher = None
+        t5 = {k: v | {"poe": {int(n): a for n, a in v["poe"].items()}} for k, v in earlier["table5"].items()}
+        fig["ablation_epochs"] = earlier["ablation_epochs"]
+    else:
+        teacher = teacher_of(args.work, splits, library)
+        abl = cached(args.cache, "ablation", ablation)
+        t5 = _ablation_table(abl["logits"], test, tax)
+        fig["ablation_epochs"] = args.ablation_epochs
     fig["table5"] = t5
-    fig["ablation_epochs"] = args.ablation_epochs
-    fig["baseline_epochs"] = args.baseline_epochs
+    fig["baseline_epochs"] = earlier["baseline_epochs"] if reused is not None else args.baseline_epochs
     config = info["library"].get("config", {})
     fig["library"]["kd"] = f"{config.get('kd', 'kd')} at T = {config.get('temperature', 4):g}"
     objectives = args.cache / "library_kd.json"  # benchmarks/library_kd.py: how the objective was chosen
     fig["library_kd"] = json.loads(objectives.read_text()) if objectives.is_file() else None
+    if fig["library_kd"] is None and reused is not None:  # the same library: how its objective was chosen
+        fig["library_kd"] = earlier.get("library_kd")
     inits = args.cache / "expert_init.json"  # benchmarks/expert_init.py: how the experts' start was chosen
     fig["expert_init"] = json.loads(inits.read_text()) if inits.is_file() else None
+    if fig["expert_init"] is None and reused is not None:  # how the experts' start was chosen, as it was
+        fig["expert_init"] = earlier.get("expert_init")
     fig["experts_config"] = info["experts"].get("config", {})
     fig["experts_kept"] = info["experts"].get("kept_from_pool")  # widths taken as they were from an earlier pool
 
@@ -252,17 +274,22 @@ def main() -> None:
         train_heads(library, sliced, short, {"c": heads["composite"]}, expert_spec, cfg)
         return {"seconds_40_steps": time.perf_counter() - t0}
 
-    timing = cached(args.cache, "composite_timing", composite_timing)
-    steps_per_epoch = -(-len(splits.train) // 128)
-    best_epoch = abl["best_epoch"]["composite"]
-    fig["composite_ckd"] = {
-        "tasks": composite,
-        "test_acc": task_specific_accuracy(abl["logits"]["composite"], test.y, tax.composite_classes(composite)),
-        "poe_test_acc": task_specific_accuracy(torch.cat([ckd_logits[t] for t in composite], 1), test.y,
+    poe_composite = task_specific_accuracy(torch.cat([ckd_logits[t] for t in composite], 1), test.y,
+                                           tax.composite_classes(composite))
+    if reused is not None:  # the trained composite model is the ablation's: from the earlier run too
+        fig["composite_ckd"] = earlier["composite_ckd"] | {"poe_test_acc": poe_composite}
+    else:
+        timing = cached(args.cache, "composite_timing", composite_timing)
+        steps_per_epoch = -(-len(splits.train) // 128)
+        best_epoch = abl["best_epoch"]["composite"]
+        fig["composite_ckd"] = {
+            "tasks": composite,
+            "test_acc": task_specific_accuracy(abl["logits"]["composite"], test.y,
                                                tax.composite_classes(composite)),
-        "best_epoch": best_epoch,
-        "train_seconds_to_best": timing["seconds_40_steps"] / 40 * steps_per_epoch * best_epoch,
-    }
+            "poe_test_acc": poe_composite,
+            "best_epoch": best_epoch,
+            "train_seconds_to_best": timing["seconds_40_steps"] / 40 * steps_per_epoch * best_epoch,
+        }
 
     # 6. Pool volume (Table 4), fp32 bytes of the weights.
     expert_params = statistics.mean(pool.expert_info(t)["params"] for t in pool.tasks)
@@ -282,17 +309,61 @@ def main() -> None:
     say(f"wrote {args.out / 'REPRODUCTION.md'}")
 
 
-def _histogram(conf: dict, path: Path) -> None:
+def _ablation_table(logits: dict, test, tax) -> dict:
+    """Table 5 from the ablation heads' test logits."""
+    t5 = {}
+    for kind in ("soft", "scale", "ckd"):
+        per = {t: logits[f"{kind}:{t}"] for t in TASKS}
+        expert_acc = [task_specific_accuracy(per[t], test.y, tax.tasks[t]) for t in TASKS]
+        combos = {n: [task_specific_accuracy(torch.cat([per[t] for t in c], 1), test.y,
+                                             tax.composite_classes(c)) for c in itertools.combinations(TASKS, n)]
+                  for n in (2, 3, 4, 5)}
+        cross = [cross_expert_error_share(per, test.y, tax, c) for n in (2, 3, 4, 5)
+                 for c in itertools.combinations(TASKS, n)]
+        t5[kind] = {"expert_mean": statistics.mean(expert_acc),
+                    "poe": {n: statistics.mean(v) for n, v in combos.items()},
+                    "cross_expert_share": statistics.mean(cross)}
+    return t5
+
+
+def _reusable(earlier: dict, fig: dict) -> dict:
+    """What --reuse takes, once the earlier run is shown to be on the same oracle and
+    library: by their weights' fingerprints, or (runs before fingerprints were written) by
+    their test accuracies, equal to the last digit."""
+    if "fingerprints" in earlier:
+        same = earlier["fingerprints"] == fig["fingerprints"]
+        how = "the same oracle and library weights (fingerprints)"
+    else:
+        same = all(earlier[k]["test_acc"] == fig[k]["test_acc"] for k in ("oracle", "library"))
+        how = "the same oracle and library (test accuracies equal to the last digit)"
+    if not same:
+        raise SystemExit("--reuse: that run was on another oracle or library; train the baselines and the "
+                         "ablation again (leave out --reuse)")
+    return {"pool_id": earlier.get("pool_id"), "checked_by": how,
+            "what": ["Transfer", "Scratch", "ablation", "composite CKD model"]}
+
+
+def _reuse_note(f: dict, what: str) -> list[str]:
+    r = f.get("reused")
+    if not r:
+        return []
+    run = f"the run on pool `{r['pool_id']}`" if r.get("pool_id") else "the earlier run of this script"
+    return [f"{what} taken from {run} (`--reuse`): they do not depend on the experts, and it had "
+            f"{r['checked_by']}.", ""]
+
+
+HISTOGRAM_BINS = np.linspace(0, 1, 21)
+
+
+def _histogram(shares: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    bins = np.linspace(0, 1, 21)
-    for name, values in conf.items():
-        ax.hist(values, bins=bins, histtype="step", linewidth=2, label=name,
-                weights=np.full(len(values), 1 / len(values)))
+    for name, values in shares.items():
+        ax.stairs(values, HISTOGRAM_BINS, linewidth=2, label=name)
     ax.set_xlabel("maximum softmax probability on out-of-task test images")
     ax.set_ylabel("share of images")
     ax.set_title("Expert confidence outside its task (6 tasks)")
@@ -391,11 +462,15 @@ def render(f: dict, pool) -> str:
         + " |",
         "| mean (paper) | 82.40 | 78.33 | 74.20 | 85.80 |",
         "",
+        *_reuse_note(f, "Transfer and Scratch"),
         *_inits(f["expert_init"], f["experts_config"], f.get("experts_kept")),
         "## 3. Confidence outside the task (paper Fig. 5)",
         "",
         "![confidence](figures/confidence.png)",
         "",
+        *([] if set(f.get("histogram", {})) >= set(f["confidence"]) else
+          [f"The figure shows {', '.join(f.get('histogram', {}))} only: the earlier run kept no histogram of "
+           f"{' and '.join(sorted(set(f['confidence']) - set(f.get('histogram', {}))))}.", ""]),
         "| expert | mean max softmax prob. on out-of-task images | share above 0.9 |",
         "| --- | --- | --- |",
     ]
@@ -448,6 +523,7 @@ def render(f: dict, pool) -> str:
         "",
         f"## 5. Loss ablation (paper Table 5), {f['ablation_epochs']} epochs for every variant",
         "",
+        *_reuse_note(f, "The ablation and the composite-task CKD model of section 4"),
         "| loss | expert task-specific (mean of 6) | PoE n=2 | n=3 | n=4 | n=5 | "
         "cross-expert share of PoE errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
