@@ -11,7 +11,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from app.services import Services
-from app.serving.lru import LRU, SizedLRU
 from app.serving.models import ModelCache, OrtFiles, RequestCounts, ServerBusy, model_id, query_of, resolve
 from app.store.db import Database
 from app.store.pools import import_pool
@@ -89,27 +88,6 @@ def test_ort_conversions_happen_once_and_are_bounded(served):
     busy = OrtFiles(max_pending=0)
     with pytest.raises(ServerBusy):
         asyncio.run(busy.get(model))
-
-
-def test_lrus_forget_the_least_recently_used_first():
-    lru = LRU(2)
-    lru["a"], lru["b"] = 1, 2
-    assert lru.get("a") == 1  # now b is the oldest
-    lru["c"] = 3
-    assert "b" not in lru and lru.get("a") == 1 and lru["c"] == 3 and len(lru) == 2
-    lru["a"] = 4  # a replaced is used, not added
-    lru["d"] = 5
-    assert "c" not in lru and lru.get("a") == 4 and lru.pop("a") == 4 and lru.pop("a", "gone") == "gone"
-    sized = SizedLRU(10, getsizeof=len)
-    sized["x"], sized["y"] = b"1234", b"56789"
-    assert sized.currsize == 9 and sized.get("x") == b"1234"
-    sized["z"] = b"abc"  # over 10: y, the least recently used, goes
-    assert "y" not in sized and sized.currsize == 7 and len(sized) == 2
-    sized["x"] = b"12"
-    assert sized.currsize == 5 and sized.pop("z") == b"abc" and sized.currsize == 2
-    with pytest.raises(ValueError):
-        sized["big"] = b"x" * 11
-    assert sized.get("big") is None and sized.currsize == 2
 
 
 def test_a_served_model_is_its_chunks_and_its_head_is_its_headers(served):

@@ -5,7 +5,8 @@ the tables, the blobs and pool import/activation."""
 
 from __future__ import annotations
 
-from app.serving.lru import LRU
+from cachetools import LRUCache
+
 from app.serving.models import ModelCache, OrtFiles, RequestCounts
 from app.serving.registry import PoolRegistry
 from app.settings import Settings
@@ -26,9 +27,9 @@ class Serving:
         self.counts = RequestCounts()
         # (pool version, body) -> (query, file format, model id); bounded in entries
         # and, by MEMO_BODY_BYTES, in bytes.
-        self.queries = LRU(4096)
+        self.queries: LRUCache = LRUCache(maxsize=4096)
         # (pool version, size measure, base URL, body) -> POST /models/plan's answer, likewise bounded.
-        self.plans = LRU(256)
+        self.plans: LRUCache = LRUCache(maxsize=256)
 
     def flush_counts(self) -> None:
         self.counts.flush(self.db)

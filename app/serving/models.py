@@ -40,7 +40,6 @@ import onnxruntime
 from cachetools import LRUCache
 
 from app.metrics import ASSEMBLY_SECONDS, CACHE_HIT, CACHE_MISS, TALLY
-from app.serving.lru import LRU, SizedLRU
 from app.serving.registry import ServedPool
 from app.store.db import Database
 from app.store.rows import add_task_requests
@@ -401,8 +400,8 @@ class ModelCache:
     of microseconds, so it runs under the cache's lock."""
 
     def __init__(self, max_bytes: int, doorkeeper: int = 16384) -> None:
-        self._models = SizedLRU(max_bytes, getsizeof=lambda m: m.size)
-        self._seen = LRU(doorkeeper)  # ids asked for once, recently
+        self._models: LRUCache = LRUCache(maxsize=max_bytes, getsizeof=lambda m: m.size)
+        self._seen: LRUCache = LRUCache(maxsize=doorkeeper)  # ids asked for once, recently
         self._last: ServedModel | None = None
         self._lock = threading.Lock()
         self.assemblies = 0
