@@ -23,6 +23,10 @@ from poe_core.device import autocast
 from poe_core.files import sha256_file
 
 KINDS = ("poe", "onnx")  # a network of poe_core.nets (any family), or an ONNX classifier
+# On a CPU the oracle runs in batches of at most this many images: a WRN-16-(4,4)'s
+# activations for 100 CIFAR images stay in cache (147 img/s on a 2-core AMD EPYC, against
+# 101 at 500 and 105 at 250; 145 at 50).
+CPU_BATCH = 100
 
 
 class OracleError(ValueError):
@@ -49,6 +53,8 @@ class Oracle:
         """float32 (N, C) logits of uint8 images (N, 3, H, W), on x's device."""
         norm = Normalize(self.mean, self.std, x.device)
         if self.module is not None:
+            if x.device.type == "cpu" and len(x) > CPU_BATCH:
+                return torch.cat([self.logits(x[s:s + CPU_BATCH], precision) for s in range(0, len(x), CPU_BATCH)])
             with autocast(x.device, precision):
                 return self.module(norm(x).contiguous(memory_format=torch.channels_last)).float()
         out = self.session.run(None, {self.input_name: norm(x).cpu().numpy()})[0]

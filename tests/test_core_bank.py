@@ -288,3 +288,16 @@ def test_oracle_module_wrapper_normalises_like_training(work_dir, synthetic):
     norm = Normalize(synthetic.mean, synthetic.std, CPU)
     with torch.no_grad():
         torch.testing.assert_close(wrapped.logits(synthetic.val.x), wrn(norm(synthetic.val.x)))
+
+
+def test_oracle_runs_a_large_batch_in_cpu_sized_pieces_with_the_same_logits(monkeypatch, work_dir, synthetic):
+    from poe_core import oracle as oracle_module
+    wrn = load_wrn(work_dir, "oracle", 6)
+    wrapped = from_module(wrn, synthetic.taxonomy.classes, synthetic.mean, synthetic.std, "x")
+    x = synthetic.train.x[:23]
+    monkeypatch.setattr(oracle_module, "CPU_BATCH", 5)
+    pieces = wrapped.logits(x)
+    with torch.no_grad():
+        whole = wrn(Normalize(synthetic.mean, synthetic.std, CPU)(x))
+    assert pieces.shape == (23, 6)
+    torch.testing.assert_close(pieces, whole, atol=1e-4, rtol=1e-4)
