@@ -1,23 +1,28 @@
 """Where an expert should start: random weights (the paper's) or the library's student
-head cut to the expert's width and task (poe_core.prune). Each arm trains the same
-heads by the paper's CKD for the same one-cycle epochs from the same logit bank and
-library features, and is scored on validation (task-specific top-1, per width).
+head cut to the expert's width and task (poe_core.prune), at which learning rate and
+weight alpha of L_scale. Each arm trains the same heads by the paper's CKD for the same
+one-cycle epochs from the same logit bank and library features, and is scored on
+validation: task-specific top-1 per width, and the PoE accuracy of every composite of
+its tasks at n(Q) = 2..5 (L_scale is what makes experts comparable in a composite).
 
     python benchmarks/expert_init.py --work var/cifar-work [--views 4] [--epochs 2]
                                      [--widths 0.25,0.5] [--tasks all|paper]
-                                     [--arms random,student,student:0.01]
+                                     [--arms random,student,student:0.01,student:0.1:0.1]
                                      [--out var/reproduction/expert_init.json]
 
 Needs a work directory with a finished oracle and library (the library phase's student
 head is what `student` cuts from). The arms are equal in epochs, so in wall time: the
 cut itself costs under a second. Also prints each arm's starting point (epoch 0 =
 before any training), which for `student` at ks = 1 would be the mask baseline.
-Selection only: nothing here reads the test split. Prints the machine first.
+Selection only: nothing here reads the test split. Prints the machine first. The rows
+of arms run before (in --out) are kept unless an arm of the same start, lr, alpha, width
+and epochs replaces them, so benchmarks/reproduction.py shows every arm ever compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +33,7 @@ from reproduction import TASKS as PAPER_TASKS  # the six tasks of the paper's CI
 from poe_core.bank import ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, load_cifar100_npy
 from poe_core.device import cpu_model, machine_line, pick_device, resolve_precision
-from poe_core.evaluate import predict, task_specific_accuracy
+from poe_core.evaluate import composite_accuracy, predict, task_specific_accuracy
 from poe_core.extract import load_oracle, load_wrn, phase_done
 from poe_core.nets import WRNSpec
 from poe_core.recipe import ExtractionPlan
@@ -45,7 +50,8 @@ def main() -> None:
     parser.add_argument("--widths", default="0.25,0.5", help="head widths ks, comma-separated")
     parser.add_argument("--tasks", default="paper", help="paper (the paper's six), all, or names comma-separated")
     parser.add_argument("--arms", default="random,student",
-                        help="INIT[:LR] arms, comma-separated: init random or student, lr default the recipe's")
+                        help="INIT[:LR[:ALPHA]] arms, comma-separated: init random or student, lr and the "
+                             "weight alpha of L_scale default the recipe's")
     parser.add_argument("--out", type=Path, default=Path("var/reproduction/expert_init.json"),
                         help="where to keep the table for benchmarks/reproduction.py")
     args = parser.parse_args()
@@ -54,10 +60,13 @@ def main() -> None:
             parser.error(f"{args.work} has no finished {phase}")
     widths = [float(w) for w in args.widths.split(",")]
     try:
-        arms = [(a.split(":")[0], float(a.split(":")[1]) if ":" in a else None) for a in args.arms.split(",")]
+        arms = [(a.split(":")[0], *(float(v) if v else None for v in (a.split(":")[1:] + ["", ""])[:2]))
+                for a in args.arms.split(",") if len(a.split(":")) <= 3]
     except ValueError:
-        parser.error(f"--arms {args.arms!r} is not INIT[:LR],...")
-    if {init for init, _ in arms} - {"random", "student"}:
+        arms = []
+    if len(arms) != len(args.arms.split(",")):
+        parser.error(f"--arms {args.arms!r} is not INIT[:LR[:ALPHA]],...")
+    if {init for init, _, _ in arms} - {"random", "student"}:
         parser.error("inits are random and student")
 
     device = pick_device()
@@ -66,6 +75,9 @@ def main() -> None:
     splits = load_cifar100_npy(args.data)
     tasks = {"paper": PAPER_TASKS, "all": splits.taxonomy.task_names}.get(args.tasks, args.tasks.split(","))
     splits.taxonomy.validate(tasks)
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if earlier and earlier.get("tasks") != tasks:
+        parser.error(f"{args.out} compares other tasks ({earlier.get('tasks')}): give another --out")
     student = load_wrn(args.work, "library", len(splits.taxonomy.classes))
     oracle = load_oracle(args.work, splits, device)
     bank = build_bank(oracle, splits.train, ViewRecipe(args.views), args.work, device=device, precision=precision)
@@ -76,9 +88,9 @@ def main() -> None:
     val_features = predict(student.library, splits.val, splits.mean, splits.std, device, precision=precision)
 
     rows = []
-    for init, lr in arms:
-        cfg = replace(base, init=init, lr=lr or base.lr)
-        arm = f"{init} lr {cfg.lr:g}"
+    for init, lr, alpha in arms:
+        cfg = replace(base, init=init, lr=lr or base.lr, alpha=base.alpha if alpha is None else alpha)
+        arm = f"{init} lr {cfg.lr:g} alpha {cfg.alpha:g}"
         names = splits.taxonomy.task_names
         heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd", names.index(t) + 1_000_003 * w, ks)
                  for w, ks in enumerate(widths) for t in tasks}
@@ -86,27 +98,44 @@ def main() -> None:
         with torch.no_grad():
             at_start = {n: task_specific_accuracy(h.eval()(val_features).float(), splits.val.y, heads[n].classes)
                         for n, h in start.items()}
-        _, result = train_experts(student.library, bank, splits, tasks, spec, cfg, widths=widths,
-                                  student=student.head)
+        trained, result = train_experts(student.library, bank, splits, tasks, spec, cfg, widths=widths,
+                                        student=student.head)
         for ks in widths:
             names_ks = [expert_name(t, ks) for t in tasks]
             before = sum(at_start[n] for n in names_ks) / len(names_ks)
             after = sum(result.best_val_acc[n] for n in names_ks) / len(names_ks)
-            rows.append({"init": init, "lr": cfg.lr, "ks": ks, "start": before, "val_acc": after,
+            with torch.no_grad():  # every expert at its best epoch, as a pool holds it
+                logits = {t: trained[expert_name(t, ks)].eval()(val_features).float() for t in tasks}
+            poe = {n: sum(composite_accuracy(logits, splits.val.y, splits.taxonomy, c)
+                          for c in itertools.combinations(tasks, n)) / len(list(itertools.combinations(tasks, n)))
+                   for n in range(2, min(5, len(tasks)) + 1)}
+            rows.append({"init": init, "lr": cfg.lr, "alpha": cfg.alpha, "ks": ks, "epochs": args.epochs,
+                         "views": args.views, "machine": cpu_model(), "precision": precision,
+                         "start": before, "val_acc": after, "poe": poe,
                          "seconds": result.seconds,
                          "per_task": {t: result.best_val_acc[expert_name(t, ks)] for t in tasks}})
             print(f"{arm} ks={ks:g}: mean task-specific validation {before:.2%} at the start, {after:.2%} after "
-                  f"{args.epochs} epochs ({result.seconds:.0f} s for all widths)", flush=True)
+                  f"{args.epochs} epochs, PoE n(Q) = 2..: {' / '.join(f'{v:.2%}' for v in poe.values())} "
+                  f"({result.seconds:.0f} s for all widths)", flush=True)
 
-    print(f"\n| init | lr | ks | at the start | after {args.epochs} epochs | seconds (all widths) |"
-          "\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| init | lr | alpha | ks | epochs | at the start | after | PoE n(Q) = 2.. | seconds (all widths) |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {r['start']:.2%} | {r['val_acc']:.2%} "
-              f"| {r['seconds']:.0f} |")
+        print(f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['ks']:g} | {r['epochs']} | {r['start']:.2%} "
+              f"| {r['val_acc']:.2%} | {' / '.join(f'{v:.2%}' for v in r['poe'].values())} | {r['seconds']:.0f} |")
+    arm_of = lambda r: (r["init"], r["lr"], r["alpha"], r["ks"], r["epochs"])  # noqa: E731
+    kept = [r for r in map(lambda r: _complete(r, earlier), earlier.get("rows", []))
+            if arm_of(r) not in set(map(arm_of, rows))]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": cpu_model(), "precision": precision, "epochs": args.epochs, "views": args.views,
-        "tasks": tasks, "rows": rows}, indent=1))
+    restored = {"restored_from": earlier["restored_from"]} if kept and earlier.get("restored_from") else {}
+    args.out.write_text(json.dumps({"tasks": tasks, "rows": kept + rows} | restored, indent=1))
+
+
+def _complete(row: dict, table: dict) -> dict:
+    """A row of a table written before rows carried their own recipe: those arms ran the
+    recipe's alpha of the time, 0.3, and the table's epochs and views."""
+    return {"alpha": 0.3, "epochs": table.get("epochs"), "views": table.get("views"), "machine": table.get("machine"),
+            "precision": table.get("precision"), "poe": {}} | row
 
 
 if __name__ == "__main__":

@@ -390,7 +390,8 @@ def _restored(table: dict) -> str:
 
 
 def _recipe(config: dict) -> str:
-    return f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr {config.get('lr', '?')}"
+    return (f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr "
+            f"{config.get('lr', '?')}, alpha {config.get('alpha', '?')}")
 
 
 def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[str]:
@@ -401,15 +402,22 @@ def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[s
                    f"they were ({_recipe(kept.get('config') or {})})")
     if table is None:
         return [f"The experts were trained from a {chosen}; no comparison of starts was run.", ""]
-    rows = [f"| {r['init']} | {r['lr']:g} | {r['ks']:g} | {100 * r['start']:.2f} | {100 * r['val_acc']:.2f} |"
-            for r in table["rows"]]
-    return [f"Expert start, chosen on validation by `python benchmarks/expert_init.py`: random weights (the "
-            f"paper's) or the library student's head cut to the expert's width and task, each arm the same "
-            f"{table['epochs']}-epoch one-cycle CKD run from the bank of {table['views']} views, on the "
-            f"{len(table['tasks'])} tasks below ({table['machine']}, {table['precision']}); mean task-specific "
-            f"validation accuracy before training and at the best epoch. The shipped experts: {chosen}."
-            f"{_restored(table)}", "",
-            "| start | lr | ks | before training | after |", "| --- | --- | --- | --- | --- |", *rows, ""]
+    from expert_init import _complete  # rows written before they carried their own recipe
+
+    rows = [_complete(r, table) for r in table["rows"]]
+    machines = ", ".join(sorted({f"{r['machine']}, {r['precision']}" for r in rows}))
+    lines = [f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['ks']:g} | {r['epochs']} | {100 * r['start']:.2f} "
+             f"| {100 * r['val_acc']:.2f} | {' / '.join(f'{100 * v:.2f}' for v in r['poe'].values()) or '-'} |"
+             for r in rows]
+    return [f"Expert start, learning rate and weight alpha of L_scale, chosen on validation by `python "
+            f"benchmarks/expert_init.py`: random weights (the paper's) or the library student's head cut to the "
+            f"expert's width and task, each arm a one-cycle CKD run of the epochs shown from the bank of "
+            f"{'/'.join(sorted({str(r['views']) for r in rows}))} views, on the {len(table['tasks'])} tasks below "
+            f"({machines}); mean task-specific validation accuracy before training and at the best epoch, and "
+            f"the PoE accuracy of every composite of those tasks at n(Q) = 2..5 (where measured). The shipped "
+            f"experts: {chosen}.{_restored(table)}", "",
+            "| start | lr | alpha | ks | epochs | before training | after | PoE n(Q) = 2 / 3 / 4 / 5 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |", *lines, ""]
 
 
 def render(f: dict, pool) -> str:
