@@ -60,11 +60,8 @@ def main() -> None:
             parser.error(f"{args.work} has no finished {phase}")
     widths = [float(w) for w in args.widths.split(",")]
     try:
-        arms = [(a.split(":")[0], *(float(v) if v else None for v in (a.split(":")[1:] + ["", ""])[:2]))
-                for a in args.arms.split(",") if len(a.split(":")) <= 3]
+        arms = [_arm(a) for a in args.arms.split(",")]
     except ValueError:
-        arms = []
-    if len(arms) != len(args.arms.split(",")):
         parser.error(f"--arms {args.arms!r} is not INIT[:LR[:ALPHA]],...")
     if {init for init, _, _ in arms} - {"random", "student"}:
         parser.error("inits are random and student")
@@ -129,6 +126,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     restored = {"restored_from": earlier["restored_from"]} if kept and earlier.get("restored_from") else {}
     args.out.write_text(json.dumps({"tasks": tasks, "rows": kept + rows} | restored, indent=1))
+
+
+def _arm(text: str) -> tuple[str, float | None, float | None]:
+    """INIT[:LR[:ALPHA]]: the start, and the lr and alpha (None: the recipe's)."""
+    if text.count(":") > 2:
+        raise ValueError(text)
+    init, lr, alpha = (text.split(":") + ["", ""])[:3]
+    return init, float(lr) if lr else None, float(alpha) if alpha else None
 
 
 def _complete(row: dict, table: dict) -> dict:
