@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,8 +104,8 @@ def main() -> None:
             after = sum(result.best_val_acc[n] for n in names_ks) / len(names_ks)
             with torch.no_grad():  # every expert at its best epoch, as a pool holds it
                 logits = {t: trained[expert_name(t, ks)].eval()(val_features).float() for t in tasks}
-            poe = {n: sum(composite_accuracy(logits, splits.val.y, splits.taxonomy, c)
-                          for c in itertools.combinations(tasks, n)) / len(list(itertools.combinations(tasks, n)))
+            poe = {n: statistics.mean(composite_accuracy(logits, splits.val.y, splits.taxonomy, c)
+                                      for c in itertools.combinations(tasks, n))
                    for n in range(2, min(5, len(tasks)) + 1)}
             rows.append({"init": init, "lr": cfg.lr, "alpha": cfg.alpha, "ks": ks, "epochs": args.epochs,
                          "views": args.views, "machine": cpu_model(), "precision": precision,
@@ -121,8 +122,8 @@ def main() -> None:
         print(f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['ks']:g} | {r['epochs']} | {r['start']:.2%} "
               f"| {r['val_acc']:.2%} | {' / '.join(f'{v:.2%}' for v in r['poe'].values())} | {r['seconds']:.0f} |")
     arm_of = lambda r: (r["init"], r["lr"], r["alpha"], r["ks"], r["epochs"])  # noqa: E731
-    kept = [r for r in map(lambda r: _complete(r, earlier), earlier.get("rows", []))
-            if arm_of(r) not in set(map(arm_of, rows))]
+    rerun = {arm_of(r) for r in rows}
+    kept = [r for r in (_complete(r, earlier) for r in earlier.get("rows", [])) if arm_of(r) not in rerun]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     restored = {"restored_from": earlier["restored_from"]} if kept and earlier.get("restored_from") else {}
     args.out.write_text(json.dumps({"tasks": tasks, "rows": kept + rows} | restored, indent=1))
