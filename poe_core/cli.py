@@ -92,6 +92,7 @@ def extract(
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Primitive task(s) to extract experts for. Default: all.")] = None,
     from_pool: Annotated[Path | None, typer.Option(help="Take the oracle and library phases from this pool (its kept oracle, its library and student head), to retrain its experts only.")] = None,
     keep_pool_widths: Annotated[bool, typer.Option(help="With --from-pool and --expert-widths: the pool's experts at the widths not retrained go into the new pool as they are.")] = False,
+    continue_library: Annotated[bool, typer.Option(help="With --from-pool: train the library further, from the pool's library and student head (another schedule of --library-epochs), instead of taking it as it is.")] = False,
     oracle: Annotated[Path | None, typer.Option(help="Bring your own oracle instead of training one: a kept poe oracle (.safetensors with its .json) or any classifier exported to ONNX (.onnx).")] = None,
     oracle_classes: Annotated[Path | None, typer.Option(help="ONNX oracle: its output classes, a JSON list or one name per line (default: the data set's, in order).")] = None,
     oracle_mean: Annotated[str | None, typer.Option(help="ONNX oracle: input normalisation mean as R,G,B (default: the data set's).")] = None,
@@ -161,6 +162,10 @@ def extract(
         fail("--from-pool brings the pool's own oracle: leave out --oracle")
     if keep_pool_widths and from_pool is None:
         fail("--keep-pool-widths keeps a pool's experts: give the pool with --from-pool")
+    if continue_library and from_pool is None:
+        fail("--continue-library starts from a pool's library: give the pool with --from-pool")
+    if continue_library and keep_pool_widths:
+        fail("--keep-pool-widths keeps experts that fit the pool's library, not a library trained further")
     distributed.init(device)
     try:
         main = distributed.is_main()
@@ -169,7 +174,7 @@ def extract(
 
             with distributed.main_first():  # rank 0 seeds; the others find the phases done
                 try:
-                    seeded = seed_from_pool(work, _pool(from_pool), splits)
+                    seeded = seed_from_pool(work, _pool(from_pool), splits, continue_library=continue_library)
                 except OracleError as e:
                     fail(str(e))
             if seeded and main:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 PHASES = ("oracle", "library", "experts")
 ONNX_ORACLE = "oracle.onnx"
+# Where a library phase finds the weights it starts from instead of random ones
+# (`<LIBRARY_INIT>.safetensors`, with `.json` saying whose they are): see seed_from_pool.
+LIBRARY_INIT = "library-init"
 
 
 def _save_phase(work: Path, phase: str, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -143,11 +146,13 @@ def bring_oracle(work: Path, splits: Splits, external: ExternalOracle) -> dict:
     return info
 
 
-def seed_from_pool(work: Path, pool, splits: Splits) -> list[str]:
+def seed_from_pool(work: Path, pool, splits: Splits, *, continue_library: bool = False) -> list[str]:
     """Give `work` the oracle and library phases of a built `pool` (poe_core.pool.Pool):
     its kept oracle, and its library with the student head, as finished phases, so that
     `run_phase("experts", ...)` retrains the experts (another recipe, more epochs, other
     widths) on exactly the pool's library without the oracle and library phases.
+    With `continue_library` the library phase is left to train, starting from the pool's
+    library and student head (a warm restart; see LIBRARY_INIT).
     Phases already done in `work` are left alone; returns the phases seeded."""
     from poe_core.recipe import ExternalOracle
 
@@ -172,8 +177,14 @@ def seed_from_pool(work: Path, pool, splits: Splits) -> list[str]:
                               "to seed a work directory with")
         state = {f"library.{k}": v for k, v in pool.library.state_dict().items()}
         state |= {f"head.{k}": v for k, v in pool.student_head().state_dict().items()}
-        _save_phase(work, "library", state, dict(info) | {"seeded_from_pool": pool.pool_id})
-        seeded.append("library")
+        if continue_library:
+            record = {"pool": pool.pool_id, "epochs": info.get("epochs"), "config": info.get("config"),
+                      "val_acc": info.get("val_acc")}
+            _save_phase(work, LIBRARY_INIT, state, record)
+            seeded.append("library start")
+        else:
+            _save_phase(work, "library", state, dict(info) | {"seeded_from_pool": pool.pool_id})
+            seeded.append("library")
     return seeded
 
 
@@ -241,8 +252,12 @@ def run_phase(
         state = model.state_dict()
     elif phase == "library":
         teacher, bank_info = _teacher(work, splits, plan, plan.library_cfg, progress)
+        init = None
+        if phase_done(work, LIBRARY_INIT):
+            init = load_file(str(work / f"{LIBRARY_INIT}.safetensors"))
+            bank_info["continued_from"] = phase_info(work, LIBRARY_INIT)
         model, result = train.train_library(teacher, splits, plan.library_spec, plan.library_cfg,
-                                            checkpoint=ckpt, progress=progress)
+                                            checkpoint=ckpt, progress=progress, init=init)
         info = _figures(result, plan.library_cfg, plan.library_spec) | bank_info
         info |= _size(model, splits)
         info["library_params"] = count_params(model.library)

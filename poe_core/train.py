@@ -248,14 +248,20 @@ def _live(teacher: Teacher, cfg: TrainConfig) -> nn.Module | None:
 def train_library(
     teacher: Teacher, splits: Splits, spec: ArchSpec, cfg: TrainConfig, *,
     checkpoint: Path | None = None, progress: ProgressFn | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Network, PhaseResult]:
     """A small WRN student by standard KD from the oracle (eq. 1); its conv1..conv3 are
     the library. The oracle's targets come from a logit bank or, given the oracle
-    itself, from running it on every batch. Selection by the student's validation top-1."""
+    itself, from running it on every batch. Selection by the student's validation top-1.
+    With `init` (a student's state dict) training starts from those weights instead of
+    random ones: a warm restart, another schedule of cfg.epochs on a trained library."""
     if cfg.kd not in ("kd", "standardized"):
         raise ValueError(f"unknown KD objective {cfg.kd!r}; use kd or standardized")
     torch.manual_seed(cfg.seed)
-    student = _prepare(Network(spec, len(splits.taxonomy.classes), splits.image_shape[0]), cfg)
+    network = Network(spec, len(splits.taxonomy.classes), splits.image_shape[0])
+    if init is not None:
+        network.load_state_dict(init)
+    student = _prepare(network, cfg)
     oracle = _live(teacher, cfg)
 
     def step_loss(x, y, t):

@@ -129,6 +129,47 @@ def test_experts_retrained_on_a_pools_own_oracle_and_library(pool, tmp_path):
     assert r.exit_code != 0 and "leave out --oracle" in r.output
 
 
+def test_a_pools_library_trained_further(pool, tmp_path):
+    """--continue-library: the library phase starts from the pool's library and student
+    head instead of random weights (here with a learning rate too small to move them, so
+    the trained weights are the pool's), and its record says whose it continued."""
+    from poe_core.extract import load_wrn, phase_info
+    from poe_core.nets import spec_from_dict
+    from poe_core.pool import load_pool
+    from poe_core.recipe import Architecture
+
+    arch = Architecture.of(spec_from_dict(pool.spec.training["library"]["architecture"])).text()
+    tiny = ["--data", "synthetic", "--batch-size", "16", "--precision", "fp32", "--device", "cpu",
+            "--library-arch", arch, "--library-epochs", "1", "--bank-views", "2", "--phase", "library"]
+    work = tmp_path / "w"
+    r = CliRunner().invoke(app, ["extract", "--work", str(work), *tiny, "--from-pool", str(pool.root),
+                                 "--continue-library", "--library-lr", "1e-9"])
+    assert r.exit_code == 0, r.output
+    assert "oracle, library start taken from pool" in r.output
+    record = phase_info(work, "library")["continued_from"]
+    assert record["pool"] == pool.pool_id and record["epochs"] == pool.spec.training["library"]["epochs"]
+    trained = load_wrn(work, "library", len(pool.taxonomy.classes)).library.state_dict()
+    weights = {k: v for k, v in pool.library.state_dict().items() if k.endswith("weight")}
+    assert weights and all(torch.allclose(trained[k], v, atol=1e-5) for k, v in weights.items())
+
+    # Without it the library trains from random weights, far from the pool's.
+    (tmp_path / "fresh").mkdir()
+    for name in ("oracle.json", "oracle.safetensors"):
+        shutil.copy(work / name, tmp_path / "fresh" / name)
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "fresh"), *tiny, "--library-lr", "1e-9"])
+    assert r.exit_code == 0, r.output
+    fresh = load_wrn(tmp_path / "fresh", "library", len(pool.taxonomy.classes)).library.state_dict()
+    assert "continued_from" not in phase_info(tmp_path / "fresh", "library")
+    assert not all(torch.allclose(fresh[k], v, atol=1e-5) for k, v in weights.items())
+    assert load_pool(pool.root).pool_id == pool.pool_id  # the pool itself is untouched
+
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w2"), *tiny, "--continue-library"])
+    assert r.exit_code != 0 and "give the pool with --from-pool" in r.output
+    r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / "w3"), *tiny, "--from-pool", str(pool.root),
+                                 "--continue-library", "--keep-pool-widths"])
+    assert r.exit_code != 0 and "not a library trained further" in r.output
+
+
 def test_one_width_retrained_the_pools_other_widths_kept(wide_pool, tmp_path):
     """--keep-pool-widths: experts retrained at width 0.25 only (another recipe); the new
     pool holds them and the old pool's experts at 0.5, bit for bit, and says so."""
