@@ -252,13 +252,13 @@ def run_phase(
         state = model.state_dict()
     elif phase == "library":
         teacher, bank_info = _teacher(work, splits, plan, plan.library_cfg, progress)
-        init = None
-        if phase_done(work, LIBRARY_INIT):
-            init = load_file(str(work / f"{LIBRARY_INIT}.safetensors"))
-            bank_info["continued_from"] = phase_info(work, LIBRARY_INIT)
+        continued = phase_done(work, LIBRARY_INIT)
+        init = load_file(str(work / f"{LIBRARY_INIT}.safetensors")) if continued else None
         model, result = train.train_library(teacher, splits, plan.library_spec, plan.library_cfg,
                                             checkpoint=ckpt, progress=progress, init=init)
         info = _figures(result, plan.library_cfg, plan.library_spec) | bank_info
+        if continued:
+            info["continued_from"] = phase_info(work, LIBRARY_INIT)
         info |= _size(model, splits)
         info["library_params"] = count_params(model.library)
         state = model.state_dict()
