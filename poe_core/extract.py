@@ -257,8 +257,9 @@ def run_phase(
         model, result = train.train_library(teacher, splits, plan.library_spec, plan.library_cfg,
                                             checkpoint=ckpt, progress=progress, init=init)
         info = _figures(result, plan.library_cfg, plan.library_spec) | bank_info
-        if continued:
+        if continued:  # the recorded config's `init` is the experts' field: say where this one started
             info["continued_from"] = phase_info(work, LIBRARY_INIT)
+            info["config"] = info["config"] | {"init": "continued"}
         info |= _size(model, splits)
         info["library_params"] = count_params(model.library)
         state = model.state_dict()

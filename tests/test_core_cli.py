@@ -147,6 +147,7 @@ def test_a_pools_library_trained_further(pool, tmp_path):
     assert r.exit_code == 0, r.output
     assert "oracle, library start taken from pool" in r.output
     record = phase_info(work, "library")["continued_from"]
+    assert phase_info(work, "library")["config"]["init"] == "continued"
     assert record["pool"] == pool.pool_id and record["epochs"] == pool.spec.training["library"]["epochs"]
     trained = load_wrn(work, "library", len(pool.taxonomy.classes)).library.state_dict()
     weights = {k: v for k, v in pool.library.state_dict().items() if k.endswith("weight")}
@@ -160,6 +161,7 @@ def test_a_pools_library_trained_further(pool, tmp_path):
     assert r.exit_code == 0, r.output
     fresh = load_wrn(tmp_path / "fresh", "library", len(pool.taxonomy.classes)).library.state_dict()
     assert "continued_from" not in phase_info(tmp_path / "fresh", "library")
+    assert phase_info(tmp_path / "fresh", "library")["config"]["init"] == "random"
     assert not all(torch.allclose(fresh[k], v, atol=1e-5) for k, v in weights.items())
     assert load_pool(pool.root).pool_id == pool.pool_id  # the pool itself is untouched
 
