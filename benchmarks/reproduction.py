@@ -27,7 +27,7 @@ import torch
 from poe_core.assemble import Assembler
 from poe_core.bank import LogitBank, ViewRecipe, build_bank, build_features, module_fingerprint
 from poe_core.data import Normalize, load_cifar100_npy
-from poe_core.device import resolve_precision
+from poe_core.device import machine_summary, resolve_precision
 from poe_core.evaluate import cross_expert_error_share, predict, task_specific_accuracy
 from poe_core.extract import load_oracle, load_wrn, phase_info
 from poe_core.nets import BranchedModel, WRNSpec, count_flops, count_params
@@ -68,6 +68,21 @@ def cached(cache: Path, name: str, compute):
     value = compute()
     torch.save(value, path)
     return value
+
+
+def _machine(m: dict | None) -> list[str]:
+    if m is None:
+        return []
+    return ["", f"This run: {m['cpu']}, {m['cores']} cores, {m['precision']}; the assembly times and the composite "
+                "model's training time below were measured on it, the oracle's and the library's training times "
+                "are those of their own phases (their records name the machines)."]
+
+
+def _library_training(lib: dict) -> str:
+    done = f"{lib['epochs']} epochs, {lib['train_seconds'] / 60:.0f} min"
+    before = lib.get("continued_from")
+    return done if before is None else (f"{done}, continuing the {before['epochs']}-epoch library of pool "
+                                        f"{before['pool'][:8]}")
 
 
 def pm(values) -> str:
@@ -112,7 +127,8 @@ def main() -> None:
     expert_spec = WRNSpec(**info["experts"]["architecture"])
     library_spec = WRNSpec(**info["library"]["architecture"])
     say = lambda *a: print(*a, flush=True)  # noqa: E731
-    fig: dict = {"pool_id": pool.pool_id,
+    machine = machine_summary(CPU) | {"precision": resolve_precision("auto", "cpu")}
+    fig: dict = {"pool_id": pool.pool_id, "machine": machine,
                  "fingerprints": {"oracle": module_fingerprint(oracle), "library": module_fingerprint(library)}}
 
     # 1. Oracle and library (paper Table 1).
@@ -128,6 +144,8 @@ def main() -> None:
                       "params": count_params(student), "library_params": count_params(library),
                       "flops": count_flops(student, (3, 32, 32)),
                       "train_seconds": info["library"]["seconds"], "epochs": info["library"]["epochs"]}
+    if "continued_from" in info["library"]:  # a warm restart of an earlier pool's library
+        fig["library"]["continued_from"] = {k: info["library"]["continued_from"][k] for k in ("pool", "epochs")}
     say("oracle", fig["oracle"]["test_acc"], "library student", fig["library"]["test_acc"])
     reused = _reusable(earlier, fig) if earlier is not None else None
     if reused is not None:
@@ -433,6 +451,7 @@ def render(f: dict, pool) -> str:
         "Every figure is on the CIFAR-100 **test** split (10,000 images); every model and "
         "epoch selection used the validation split (50 images per class held out of train). "
         "Paper figures (Kim & Choi, SIGMOD 2021, CIFAR-100) beside ours.",
+        *_machine(f.get("machine")),
         "",
         "## 1. Oracle and library (paper Table 1)",
         "",
@@ -444,7 +463,7 @@ def render(f: dict, pool) -> str:
         f"| library student (ours) | {lib['arch']} | {pct(lib['test_acc'])} "
         f"({lib['test_acc'] / o['test_acc']:.2f} x oracle) | {lib['params'] / 1e6:.2f}M "
         f"(library part {lib['library_params'] / 1e6:.3f}M) | {lib['flops'] / 1e9:.3f}G | "
-        f"{lib['epochs']} epochs, {lib['train_seconds'] / 60:.0f} min |",
+        f"{_library_training(lib)} |",
         "| library student (paper) | WRN-16-(1,1) | 63.84 (0.83 x oracle) | 0.18M | | |",
         "",
         *_objectives(f["library_kd"], lib["kd"]),
