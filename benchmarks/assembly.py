@@ -122,7 +122,7 @@ def formats(pool, assembler: Assembler, lists, ort_runs: int) -> None:
             t = time.perf_counter()
             ort_bytes = to_ort(data)
             convert.append(time.perf_counter() - t)
-        drop = info.get("val_acc_drop", {"mean": 0.0, "max": 0.0})
+        drop = info.get("val_acc_drop") or {"mean": 0.0, "max": 0.0}  # fp32 is the reference: None
         print(f"{weights:>6} {len(model.data):>9,} {statistics.median(times) * 1e3:>8.3f} "
               f"{drop['mean']:>10.2%} {drop['max']:>9.2%} "
               f"{statistics.median(convert) * 1e3:>15.1f} {len(ort_bytes):>11,}")
