@@ -2,6 +2,8 @@
 
     python benchmarks/reproduction.py --work var/cifar-work --pool poe_core/pools/cifar100
 
+Needs the `bench` extra (matplotlib, for the confidence histogram): pip install -e '.[bench]'.
+
 Needs a finished extraction work directory (oracle, library, experts) and the pool built
 from it. Trains the baselines (Transfer, Scratch) and the loss ablation itself; every
 trained result is cached in --cache so an interrupted run resumes. With --reuse (the
@@ -111,6 +113,10 @@ def main() -> None:
                     help="reproduction.json of an earlier run on the same oracle and library: take its "
                          "Transfer and Scratch baselines and its loss ablation instead of training them")
     args = ap.parse_args()
+    try:  # the figure is drawn at the end: say so now, not after the baselines have trained
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("reproduction.py draws a figure with matplotlib: pip install -e '.[bench]'") from None
     earlier = json.loads(args.reuse.read_text()) if args.reuse else None
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
