@@ -3,8 +3,8 @@
 Mixed precision is not free everywhere. On CUDA, fp16 AMP is. On a CPU it depends on
 the silicon: with Intel AMX bfloat16 autocast trains about 3x faster than fp32, with
 AVX512-BF16 alone (a Zen 4 AMD EPYC) 1.6-2.2x (benchmarks/precision.py), but on a CPU
-with AVX2 only oneDNN emulates bf16 and the same step runs 7-13x *slower* than fp32. So `auto` asks the hardware, and the choice is logged and
-recorded with every phase.
+with AVX2 only oneDNN emulates bf16 and the same step runs 7-13x *slower* than fp32.
+So `auto` asks the hardware, and the choice is logged and recorded with every phase.
 """
 
 from __future__ import annotations
