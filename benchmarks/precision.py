@@ -63,10 +63,10 @@ def main() -> None:
         ms = {}
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
-                seconds = per_batch(wrn(*depth_widths, 100), train, precision, channels_last, args.batch, args.steps)
-                ms[precision, channels_last] = 1000 * seconds
+                ms[precision, channels_last] = took = 1000 * per_batch(
+                    wrn(*depth_widths, 100), train, precision, channels_last, args.batch, args.steps)
                 layout = "channels_last" if channels_last else "NCHW"
-                print(f"{name:20s} {precision}  {layout:13s} {1000 * seconds:8.1f} ms per batch of {args.batch}")
+                print(f"{name:20s} {precision}  {layout:13s} {took:8.1f} ms per batch of {args.batch}")
         speedups.append(ms["fp32", True] / ms["bf16", True])
         print(f"{name:20s} bf16 speed-up over fp32 (channels_last): {speedups[-1]:.2f}x")
     faster = "bf16" if min(speedups) > 1 else "fp32" if max(speedups) < 1 else "mixed"
