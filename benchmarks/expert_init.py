@@ -1,13 +1,13 @@
 """Where an expert should start: random weights (the paper's) or the library's student
 head cut to the expert's width and task (poe_core.prune), at which learning rate and
-weight alpha of L_scale. Each arm trains the same heads by the paper's CKD for the same
+weight alpha of L_scale and KD temperature. Each arm trains the same heads by the paper's CKD for the same
 one-cycle epochs from the same logit bank and library features, and is scored on
 validation: task-specific top-1 per width, and the PoE accuracy of every composite of
 its tasks at n(Q) = 2..5 (L_scale is what makes experts comparable in a composite).
 
     python benchmarks/expert_init.py --work var/cifar-work [--views 4] [--epochs 2]
                                      [--widths 0.25,0.5] [--tasks all|paper]
-                                     [--arms random,student,student:0.01,student:0.1:0.1]
+                                     [--arms random,student,student:0.01,student:0.1:0.1,student:0.1:0.3:2]
                                      [--out var/reproduction/expert_init.json]
 
 Needs a work directory with a finished oracle and library (the library phase's student
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--widths", default="0.25,0.5", help="head widths ks, comma-separated")
     parser.add_argument("--tasks", default="paper", help="paper (the paper's six), all, or names comma-separated")
     parser.add_argument("--arms", default="random,student",
-                        help="INIT[:LR[:ALPHA]] arms, comma-separated: init random or student, lr and the "
-                             "weight alpha of L_scale default the recipe's")
+                        help="INIT[:LR[:ALPHA[:T]]] arms, comma-separated: init random or student; lr, the "
+                             "weight alpha of L_scale and the KD temperature T default the recipe's")
     parser.add_argument("--out", type=Path, default=Path("var/reproduction/expert_init.json"),
                         help="where to keep the table for benchmarks/reproduction.py")
     args = parser.parse_args()
@@ -63,8 +63,8 @@ def main() -> None:
     try:
         arms = [_arm(a) for a in args.arms.split(",")]
     except ValueError:
-        parser.error(f"--arms {args.arms!r} is not INIT[:LR[:ALPHA]],...")
-    if {init for init, _, _ in arms} - {"random", "student"}:
+        parser.error(f"--arms {args.arms!r} is not INIT[:LR[:ALPHA[:T]]],...")
+    if {arm[0] for arm in arms} - {"random", "student"}:
         parser.error("inits are random and student")
 
     device = pick_device()
@@ -86,9 +86,10 @@ def main() -> None:
     val_features = predict(student.library, splits.val, splits.mean, splits.std, device, precision=precision)
 
     rows = []
-    for init, lr, alpha in arms:
-        cfg = replace(base, init=init, lr=lr or base.lr, alpha=base.alpha if alpha is None else alpha)
-        arm = f"{init} lr {cfg.lr:g} alpha {cfg.alpha:g}"
+    for init, lr, alpha, temperature in arms:
+        cfg = replace(base, init=init, lr=lr or base.lr, alpha=base.alpha if alpha is None else alpha,
+                      temperature=temperature or base.temperature)
+        arm = f"{init} lr {cfg.lr:g} alpha {cfg.alpha:g} T {cfg.temperature:g}"
         names = splits.taxonomy.task_names
         heads = {expert_name(t, ks): HeadTarget(splits.taxonomy.tasks[t], "ckd", names.index(t) + 1_000_003 * w, ks)
                  for w, ks in enumerate(widths) for t in tasks}
@@ -107,7 +108,8 @@ def main() -> None:
             poe = {n: statistics.mean(composite_accuracy(logits, splits.val.y, splits.taxonomy, c)
                                       for c in itertools.combinations(tasks, n))
                    for n in range(2, min(5, len(tasks)) + 1)}
-            rows.append({"init": init, "lr": cfg.lr, "alpha": cfg.alpha, "ks": ks, "epochs": args.epochs,
+            rows.append({"init": init, "lr": cfg.lr, "alpha": cfg.alpha, "temperature": cfg.temperature, "ks": ks,
+                         "epochs": args.epochs,
                          "views": args.views, "machine": cpu_model(), "precision": precision,
                          "start": before, "val_acc": after, "poe": poe,
                          "seconds": result.seconds,
@@ -116,12 +118,13 @@ def main() -> None:
                   f"{args.epochs} epochs, PoE n(Q) = 2..: {' / '.join(f'{v:.2%}' for v in poe.values())} "
                   f"({result.seconds:.0f} s for all widths)", flush=True)
 
-    print("\n| init | lr | alpha | ks | epochs | at the start | after | PoE n(Q) = 2.. | seconds (all widths) |"
-          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| init | lr | alpha | T | ks | epochs | at the start | after | PoE n(Q) = 2.. | seconds (all widths) |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['ks']:g} | {r['epochs']} | {r['start']:.2%} "
+        print(f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['temperature']:g} | {r['ks']:g} | {r['epochs']} "
+              f"| {r['start']:.2%} "
               f"| {r['val_acc']:.2%} | {' / '.join(f'{v:.2%}' for v in r['poe'].values())} | {r['seconds']:.0f} |")
-    arm_of = lambda r: (r["init"], r["lr"], r["alpha"], r["ks"], r["epochs"])  # noqa: E731
+    arm_of = lambda r: (r["init"], r["lr"], r["alpha"], r["temperature"], r["ks"], r["epochs"])  # noqa: E731
     rerun = {arm_of(r) for r in rows}
     kept = [r for r in (_complete(r, earlier) for r in earlier.get("rows", [])) if arm_of(r) not in rerun]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,19 +132,19 @@ def main() -> None:
     args.out.write_text(json.dumps({"tasks": tasks, "rows": kept + rows} | restored, indent=1))
 
 
-def _arm(text: str) -> tuple[str, float | None, float | None]:
-    """INIT[:LR[:ALPHA]]: the start, and the lr and alpha (None: the recipe's)."""
-    if text.count(":") > 2:
+def _arm(text: str) -> tuple[str, float | None, float | None, float | None]:
+    """INIT[:LR[:ALPHA[:T]]]: the start, and the lr, alpha and temperature (None: the recipe's)."""
+    if text.count(":") > 3:
         raise ValueError(text)
-    init, lr, alpha = (text.split(":") + ["", ""])[:3]
-    return init, float(lr) if lr else None, float(alpha) if alpha else None
+    init, lr, alpha, temperature = (text.split(":") + ["", "", ""])[:4]
+    return init, float(lr) if lr else None, float(alpha) if alpha else None, float(temperature) if temperature else None
 
 
 def _complete(row: dict, table: dict) -> dict:
     """A row of a table written before rows carried their own recipe: those arms ran the
-    recipe's alpha of the time, 0.3, and the table's epochs and views."""
-    return {"alpha": 0.3, "epochs": table.get("epochs"), "views": table.get("views"), "machine": table.get("machine"),
-            "precision": table.get("precision"), "poe": {}} | row
+    recipe's alpha and temperature of the time, 0.3 and 4, and the table's epochs and views."""
+    return {"alpha": 0.3, "temperature": 4.0, "epochs": table.get("epochs"), "views": table.get("views"),
+            "machine": table.get("machine"), "precision": table.get("precision"), "poe": {}} | row
 
 
 if __name__ == "__main__":

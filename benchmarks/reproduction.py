@@ -415,7 +415,7 @@ def _restored(table: dict) -> str:
 
 def _recipe(config: dict) -> str:
     return (f"`{config.get('init', 'random')}` start, {config.get('epochs', '?')} epochs at lr "
-            f"{config.get('lr', '?')}, alpha {config.get('alpha', '?')}")
+            f"{config.get('lr', '?')}, alpha {config.get('alpha', '?')}, T {config.get('temperature', '?')}")
 
 
 def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[str]:
@@ -430,18 +430,19 @@ def _inits(table: dict | None, config: dict, kept: dict | None = None) -> list[s
 
     rows = [_complete(r, table) for r in table["rows"]]
     machines = ", ".join(sorted({f"{r['machine']}, {r['precision']}" for r in rows}))
-    lines = [f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['ks']:g} | {r['epochs']} | {100 * r['start']:.2f} "
+    lines = [f"| {r['init']} | {r['lr']:g} | {r['alpha']:g} | {r['temperature']:g} | {r['ks']:g} | {r['epochs']} "
+             f"| {100 * r['start']:.2f} "
              f"| {100 * r['val_acc']:.2f} | {' / '.join(f'{100 * v:.2f}' for v in r['poe'].values()) or '-'} |"
              for r in rows]
-    return [f"Expert start, learning rate and weight alpha of L_scale, chosen on validation by `python "
-            f"benchmarks/expert_init.py`: random weights (the paper's) or the library student's head cut to the "
-            f"expert's width and task, each arm a one-cycle CKD run of the epochs shown from the bank of "
+    return [f"Expert start, learning rate, weight alpha of L_scale and KD temperature T, chosen on validation by "
+            f"`python benchmarks/expert_init.py`: random weights (the paper's) or the library student's head cut to "
+            f"the expert's width and task, each arm a one-cycle CKD run of the epochs shown from the bank of "
             f"{'/'.join(sorted({str(r['views']) for r in rows}))} views, on the {len(table['tasks'])} tasks below "
             f"({machines}); mean task-specific validation accuracy before training and at the best epoch, and "
             f"the PoE accuracy of every composite of those tasks at n(Q) = 2..5 (where measured). The shipped "
             f"experts: {chosen}.{_restored(table)}", "",
-            "| start | lr | alpha | ks | epochs | before training | after | PoE n(Q) = 2 / 3 / 4 / 5 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |", *lines, ""]
+            "| start | lr | alpha | T | ks | epochs | before training | after | PoE n(Q) = 2 / 3 / 4 / 5 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *lines, ""]
 
 
 def render(f: dict, pool) -> str:
