@@ -59,6 +59,10 @@ def _write_info(work: Path, phase: str, info: dict) -> None:
     atomic_write(work / f"{phase}.json", json.dumps(info, indent=2))
 
 
+class PhaseMissing(OracleError):
+    """A phase asked for before the phases it builds on are done in the work directory."""
+
+
 def phase_done(work: Path, phase: str) -> bool:
     if not (work / f"{phase}.json").is_file():
         return False
@@ -234,6 +238,11 @@ def run_phase(
     if phase_done(work, phase):
         log.info("%s: already done in %s", phase, work)
         return phase_info(work, phase)
+    for before in PHASES[:PHASES.index(phase)] if phase in PHASES else ():
+        if not phase_done(work, before):
+            raise PhaseMissing(f"the {phase} phase needs a finished {before} phase in {work}: run it too (--phase "
+                               f"{before}; with --oracle FILE that phase brings the oracle in), or take the phases "
+                               f"from a pool (--from-pool)")
     n_classes = len(splits.taxonomy.classes)
     in_ch = splits.image_shape[0]
     ckpt = work / f"{phase}.checkpoint"

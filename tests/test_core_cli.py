@@ -104,6 +104,17 @@ def test_an_oracle_trained_on_validation_reports_no_validation_accuracy(tmp_path
     assert "-100" not in r.output
 
 
+def test_a_phase_before_the_phases_it_needs_is_a_clear_error(tmp_path):
+    tiny = ["--data", "synthetic", "--precision", "fp32", "--device", "cpu"]
+    for phase, needed in (("library", "oracle"), ("experts", "oracle")):
+        r = CliRunner().invoke(app, ["extract", "--work", str(tmp_path / phase), *tiny, "--phase", phase])
+        assert r.exit_code != 0
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+        assert f"the {phase} phase needs a finished {needed} phase" in r.output
+        assert "Traceback" not in r.output
+        assert not list((tmp_path / phase).glob("*.json"))  # nothing trained
+
+
 def test_experts_retrained_on_a_pools_own_oracle_and_library(pool, tmp_path):
     """--from-pool: the pool's kept oracle and library (with its student head) become the
     finished phases of a new work directory; only the experts train (here cut from the
