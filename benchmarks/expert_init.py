@@ -1,9 +1,10 @@
 """Where an expert should start: random weights (the paper's) or the library's student
-head cut to the expert's width and task (poe_core.prune), at which learning rate and
-weight alpha of L_scale and KD temperature. Each arm trains the same heads by the paper's CKD for the same
-one-cycle epochs from the same logit bank and library features, and is scored on
-validation: task-specific top-1 per width, and the PoE accuracy of every composite of
-its tasks at n(Q) = 2..5 (L_scale is what makes experts comparable in a composite).
+head cut to the expert's width and task (poe_core.prune), at which learning rate,
+weight alpha of L_scale and KD temperature. Each arm trains the same heads by the
+paper's CKD for the same one-cycle epochs from the same logit bank and library
+features, and is scored on validation: task-specific top-1 per width, and the PoE
+accuracy of every composite of its tasks at n(Q) = 2..5 (L_scale is what makes experts
+comparable in a composite).
 
     python benchmarks/expert_init.py --work var/cifar-work [--views 4] [--epochs 2]
                                      [--widths 0.25,0.5] [--tasks all|paper]

@@ -30,6 +30,7 @@ import poe_core.train as train
 from poe_core.bank import ViewRecipe, build_bank, build_features
 from poe_core.data import Normalize, load_cifar100_npy
 from poe_core.device import machine_line, pick_device, resolve_precision
+from poe_core.evaluate import composite_accuracy
 from poe_core.extract import load_oracle, load_wrn, phase_done
 from poe_core.nets import WRNSpec
 from poe_core.recipe import ExtractionPlan
@@ -77,33 +78,29 @@ def main() -> None:
             ap.error(f"{args.work} has no finished {phase}")
     print(machine_line(pick_device()), flush=True)
     splits = load_cifar100_npy(args.data)
-    tax, y = splits.taxonomy, splits.val.y.numpy()
+    tax = splits.taxonomy
     tasks = {"paper": PAPER_TASKS, "all": tax.task_names}.get(args.tasks, args.tasks.split(","))
     tax.validate(tasks)
     cached = args.cache / f"logits-{args.epochs}-{args.views}-{'+'.join(tasks)[:120]}.npz"
     if not cached.is_file():
         args.cache.mkdir(parents=True, exist_ok=True)
         np.savez(cached, **epoch_logits(args, splits, tasks))
-    logits = dict(np.load(cached))
+    logits = {t: torch.from_numpy(v) for t, v in np.load(cached).items()}
+    labels = splits.val.y
 
-    def accuracy(combo, epochs, where) -> float:
-        classes = [c for t in combo for c in tax.tasks[t]]
-        inside = np.isin(y, classes) & where
-        out = np.concatenate([logits[t][epochs[t]][inside] for t in combo], 1)
-        index = {c: k for k, c in enumerate(classes)}
-        return float((out.argmax(1) == np.array([index[v] for v in y[inside]])).mean())
+    def accuracy(combo, epochs, where: torch.Tensor) -> float:
+        """PoE accuracy (task-specific for one task) of `combo` with each expert at its epoch."""
+        return composite_accuracy({t: logits[t][epochs[t]][where] for t in combo}, labels[where], tax, combo)
 
-    half = np.zeros(len(y), bool)
+    half = torch.zeros(len(labels), dtype=torch.bool)
     for c in range(len(tax.classes)):
-        half[np.nonzero(y == c)[0][::2]] = True
+        half[(labels == c).nonzero().flatten()[::2]] = True
     scores = {r: {n: [] for n in range(1, 6)} for r in RULES}
     for choose, judge in ((half, ~half), (~half, half)):
+        per_epoch = {t: [accuracy([t], {t: e}, choose) for e in range(args.epochs)] for t in tasks}
         for rule in RULES:
-            epochs = {}
-            for t in tasks:
-                acc = [accuracy([t], {t: e}, choose) for e in range(args.epochs)]
-                first = {"best": 0, "last": args.epochs - 1, "best of last 5": max(0, args.epochs - 5)}[rule]
-                epochs[t] = first + int(np.argmax(acc[first:]))
+            first = {"best": 0, "last": args.epochs - 1, "best of last 5": max(0, args.epochs - 5)}[rule]
+            epochs = {t: first + int(np.argmax(acc[first:])) for t, acc in per_epoch.items()}
             for n in range(1, min(5, len(tasks)) + 1):
                 scores[rule][n].append(np.mean([accuracy(c, epochs, judge) for c in itertools.combinations(tasks, n)]))
     print(f"{len(tasks)} tasks, {args.epochs} epochs, ks 0.25; each rule chooses on one half of validation and is "
@@ -111,7 +108,7 @@ def main() -> None:
     for rule in RULES:
         values = [100 * float(np.mean(v)) for v in scores[rule].values() if v]
         print(f"{rule:15s} {values[0]:6.2f}  " + " / ".join(f"{v:.2f}" for v in values[1:]))
-    everything = np.ones(len(y), bool)
+    everything = torch.ones(len(labels), dtype=torch.bool)
     print("epoch | " + " | ".join(tasks) + " | mean")
     for e in range(args.epochs):
         accs = [100 * accuracy([t], {t: e}, everything) for t in tasks]
