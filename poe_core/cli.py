@@ -102,6 +102,7 @@ def extract(
     expert_arch: Annotated[str, typer.Option(help="Expert, as the library, of its family and split (KC must match the library).")] = _arch(DEFAULT.expert_spec),
     expert_widths: Annotated[str | None, typer.Option(help="Head widths KS to train jointly, e.g. 0.25,0.5,1 (default: the expert arch's).")] = None,
     expert_init: Annotated[str, typer.Option(help="Experts start from random weights (the paper's) or as the library's student head cut to their width and task (student; WRN only).")] = DEFAULT.expert_cfg.init,
+    expert_select: Annotated[str, typer.Option(help="Which epoch each expert keeps: last (the schedule's end) or best (highest validation accuracy).")] = DEFAULT.expert_cfg.select,
     oracle_with_val: Annotated[bool, typer.Option(help="Train the oracle on the validation images too (fixed epochs, last one kept).")] = DEFAULT.oracle_with_val,
     bank_views: Annotated[int, typer.Option(help="Augmented views per training image in the oracle's logit bank; 0 runs the oracle on every batch instead.")] = DEFAULT.bank.views,
     oracle_epochs: int = DEFAULT.oracle_cfg.epochs, library_epochs: int = DEFAULT.library_cfg.epochs,
@@ -147,7 +148,8 @@ def extract(
             library={"arch": arch(library_arch), "epochs": library_epochs, "lr": library_lr, "kd": library_kd,
                      "temperature": library_temperature},
             experts={"arch": arch(expert_arch), "epochs": expert_epochs, "lr": expert_lr,
-                     "widths": _widths(expert_widths), "init": expert_init},
+                     "widths": _widths(expert_widths), "init": expert_init,
+                     "select": expert_select},
             tasks=tasks or None, bank_views=bank_views, batch_size=batch_size, schedule=schedule,
             precision=precision, device=device, label_smoothing=label_smoothing, temperature=temperature,
             alpha=alpha, seed=seed)

@@ -34,6 +34,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (by hardware, see poe_core.device) | fp32 | bf16 | fp16
     kd: str = "kd"  # library phase: kd (eq. 1) | standardized (KD on z-scored logits)
     init: str = "random"  # expert phase: random | student (heads cut from the library's student, poe_core.prune)
+    # Which epoch's weights a phase keeps: best (highest validation accuracy) or last (the
+    # schedule's end; validation is still measured and reported). Experts keep the last:
+    # chosen on one half of validation and scored on the other, the best epoch lost 2
+    # points single and 3-4 on composites to the last (benchmarks/selection.py).
+    select: str = "best"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +88,7 @@ class ExtractionPlan:
     expert_spec: ArchSpec = field(default_factory=lambda: WRNSpec(16, 1, 0.25))
     oracle_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, label_smoothing=0.1))
     library_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15))
-    expert_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.05))
+    expert_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.05, select="last"))
     tasks: Sequence[str] | None = None  # None: every primitive task of the taxonomy
     oracle_with_val: bool = False  # train the oracle on the validation images too (see train_oracle)
     expert_widths: Sequence[float] | None = None  # head widths ks trained jointly; None: expert_spec.ks
@@ -222,6 +227,9 @@ class ExpertOptions(_Strict):
     init: Literal["random", "student"] = Field(_DEFAULT.expert_cfg.init, description="random: the paper's; "
                                                "student: each head starts as the library's student head, pruned to "
                                                "its width and task (WRN experts).")
+    select: Literal["last", "best"] = Field(_DEFAULT.expert_cfg.select, description="Which epoch each expert keeps: "
+                                            "last (the schedule's end) or best (highest validation accuracy, "
+                                            "which picks noise on small tasks).")
 
 
 class ExtractionOptions(_Strict):
@@ -269,7 +277,8 @@ class ExtractionOptions(_Strict):
             TrainConfig(epochs=self.library.epochs, lr=self.library.lr, kd=self.library.kd,
                         **common | ({} if self.library.temperature is None else
                                     {"temperature": self.library.temperature})),
-            TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, init=self.experts.init, **common),
+            TrainConfig(epochs=self.experts.epochs, lr=self.experts.lr, init=self.experts.init,
+                        select=self.experts.select, **common),
             self.tasks, o.with_val, self.experts.widths,
             ViewRecipe(self.bank_views, seed=self.seed) if self.bank_views else None, external,
         )

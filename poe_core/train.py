@@ -103,10 +103,10 @@ def _fit(
     progress: ProgressFn | None,
     bank: LogitBank | None = None,
 ) -> PhaseResult:
-    """Train `trainables` for cfg.epochs and load each one's best-on-validation weights
-    (with `validate=None`, for a model that trains on the validation images too, the
-    last epoch's). `step_loss(x, y, t)` gets the bank's oracle logits `t` for the batch
-    when training from a logit bank, else None.
+    """Train `trainables` for cfg.epochs and load each one's best-on-validation weights,
+    or with cfg.select = "last" (or `validate=None`, for a model that trains on the
+    validation images too) the last epoch's. `step_loss(x, y, t)` gets the bank's oracle
+    logits `t` for the batch when training from a logit bank, else None.
 
     Under torchrun (see poe_core.distributed) each rank trains on its slice of every
     batch; rank 0 alone validates and writes the checkpoint, and only its returned
@@ -121,8 +121,11 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     normalize = Normalize(splits.mean, splits.std, device)
 
+    if cfg.select not in ("best", "last"):
+        raise ValueError(f"unknown epoch selection {cfg.select!r}; use best or last")
+    keep_last = validate is None or cfg.select == "last"
     result = PhaseResult({n: -1.0 for n in trainables}, {n: 0 for n in trainables})
-    best_states = {n: _clone_state(m) for n, m in trainables.items()}
+    best_states = {} if keep_last else {n: _clone_state(m) for n, m in trainables.items()}
     start_epoch = 1
     with distributed.main_first():  # a checkpoint left half-renamed is recovered once
         resume = checkpoint is not None and checkpoint_exists(checkpoint)
@@ -130,8 +133,9 @@ def _fit(
         state = load_checkpoint(checkpoint, map_location=device)
         for n, m in trainables.items():
             m.load_state_dict(state["modules"][n])
-            # Without validation the best state is the current one and is not stored twice.
-            best_states[n] = _clone_state(m) if state["best_states"] is None else state["best_states"][n]
+            # Keeping the last epoch, the kept state is the current one and is not stored twice.
+            if not keep_last:
+                best_states[n] = _clone_state(m) if state["best_states"] is None else state["best_states"][n]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -169,11 +173,11 @@ def _fit(
                 progress(Progress(phase, epoch, cfg.epochs, step, steps, total / count))
         total, count = distributed.all_sum(total, count)
         val = validate() if validate is not None and distributed.is_main() else {}
-        if validate is None:
-            best_states = {n: _clone_state(m) for n, m in trainables.items()}
+        if keep_last:
             result.best_epoch = {n: epoch for n in trainables}
+            result.best_val_acc.update(val)
         for n, acc in val.items():
-            if acc > result.best_val_acc[n]:
+            if not keep_last and acc > result.best_val_acc[n]:
                 result.best_val_acc[n], result.best_epoch[n] = acc, epoch
                 best_states[n] = _clone_state(trainables[n])
         seconds = time.perf_counter() - t0
@@ -188,7 +192,7 @@ def _fit(
             save_checkpoint({
                 "epoch": epoch,
                 "modules": {n: m.state_dict() for n, m in trainables.items()},
-                "best_states": best_states if validate is not None else None,
+                "best_states": None if keep_last else best_states,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -200,7 +204,8 @@ def _fit(
         distributed.barrier()
 
     for n, m in trainables.items():
-        m.load_state_dict(best_states[n])
+        if not keep_last:
+            m.load_state_dict(best_states[n])
         m.eval()
     return result
 

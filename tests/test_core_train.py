@@ -71,6 +71,35 @@ def test_joint_training_equals_training_each_expert_alone(work_dir, synthetic):
         assert joint_result.best_val_acc[task] == alone_result.best_val_acc[task]
 
 
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_experts_keep_the_epoch_their_selection_names(tmp_path, work_dir, synthetic, select):
+    from poe_core.checkpoint import load_checkpoint
+
+    oracle = load_wrn(work_dir, "oracle", 6)
+    library = load_wrn(work_dir, "library", 6).library
+    cfg = TrainConfig(**(tiny_plan(epochs=4).expert_cfg.to_dict() | {"select": select}))
+    ckpt = tmp_path / "experts.checkpoint"
+    experts, result = train_experts(library, oracle, synthetic, ["task0", "task1"], tiny_plan().expert_spec, cfg,
+                                    checkpoint=ckpt)
+    state = load_checkpoint(ckpt)
+    kept = state["modules"] if select == "last" else state["best_states"]
+    for task, head in experts.items():
+        assert _states_equal(head.state_dict(), kept[task])
+    if select == "last":
+        assert state["best_states"] is None  # the kept state is the current one: stored once
+        assert result.best_epoch == {"task0": 4, "task1": 4}
+        # the accuracy reported is the kept (last) epoch's, not the best one's
+        assert sum(result.best_val_acc.values()) / 2 == pytest.approx(result.history[-1]["val_acc"])
+    else:
+        assert all(1 <= result.best_epoch[task] <= 4 for task in experts)
+
+
+def test_an_unknown_epoch_selection_is_refused(synthetic):
+    plan = tiny_plan(epochs=1)
+    with pytest.raises(ValueError, match="selection"):
+        train_oracle(synthetic, plan.oracle_spec, TrainConfig(**(plan.oracle_cfg.to_dict() | {"select": "median"})))
+
+
 class Stop(Exception):
     """An interruption in the middle of a run."""
 
