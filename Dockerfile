@@ -36,11 +36,14 @@ WORKDIR /srv/poe
 RUN if [ "$GPU" = "true" ]; then index="$TORCH_CUDA_INDEX"; else index="$TORCH_CPU_INDEX"; fi \
  && pip install --index-url "$index" "torch>=2.4" "torchvision>=0.19"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY poe_core poe_core
 COPY app app
 COPY migrations migrations
-RUN pip install . \
+# gcc for the native lane's C extension (app/_lane.c), removed once it is built.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install . \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
  && if [ "$GPU" = "true" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18"; fi
 # Where app.web looks for them: node_modules beside the installed package (the build
 # fails here if that is not where the package went; run from / so that Python imports
@@ -48,7 +51,8 @@ RUN pip install . \
 COPY --from=web /web/node_modules /usr/local/lib/python${PYTHON}/site-packages/app/web/node_modules
 RUN cd / && python -c "from app.web import ORT_DIST, REDOC_DIST, SWAGGER_DIST; \
 assert (ORT_DIST / 'ort.wasm.min.mjs').is_file() and (SWAGGER_DIST / 'swagger-ui-bundle.js').is_file() \
-and (REDOC_DIST / 'redoc.standalone.js').is_file(), 'npm packages not where app.web looks'"
+and (REDOC_DIST / 'redoc.standalone.js').is_file(), 'npm packages not where app.web looks'; \
+from app.serving import native; assert native.available(), 'the native lane (app/_lane.c) was not built'"
 COPY docker/worker-entrypoint.sh /usr/local/bin/poe-worker-entrypoint
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/poe poe \

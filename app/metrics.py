@@ -21,6 +21,8 @@ ASSEMBLY_SECONDS = Histogram(
 MODEL_CACHE = Counter("poe_model_cache_requests", "Composite models asked of the model cache, by result "
                       "(hit: in memory; miss: assembled)", ["result"])
 CACHE_HIT, CACHE_MISS = MODEL_CACHE.labels("hit"), MODEL_CACHE.labels("miss")
+NATIVE_ANSWERS = Counter("poe_native_lane_answers", "POST /models answered by the native lane (plain queries "
+                         "joined in C, no cache; see app.serving.native)")
 
 
 

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     model_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
     active_pool_ttl: float = Field(1.0, ge=0, description="Seconds the active pool version is cached.")
+    native_lane: bool = Field(True, description="Answer plain POST /models queries in C (app.serving.native) "
+                                                "where the extension is built.")
     stats_flush_seconds: float = Field(5.0, gt=0)
     worker_poll_seconds: float = Field(1.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)

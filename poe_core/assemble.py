@@ -38,7 +38,7 @@ from poe_core.pool import LIBRARY_OUTPUT, QUERY_MEMO, STUDENT, Pool, part_key
 from poe_core.query import Query
 from poe_core.reject import RejectRule, reject_nodes
 
-__all__ = ["AssembledModel", "Assembler", "FormatUnavailable", "prefix_graph"]
+__all__ = ["AssembledModel", "Assembler", "FormatUnavailable", "PlainPieces", "prefix_graph"]
 
 GRAPH_FIELD = 7  # ModelProto.graph
 INPUT_NAME = "input"
@@ -192,6 +192,37 @@ class Assembler:
         output = "probabilities" if softmax else "logits"
         chunks = tuple(self._pieces(q, weights, output, reject, reject_output, pieces))
         return AssembledModel(chunks, q.tasks, pieces.labels, output, weights, q.widths, q.method, reject)
+
+    def plain_pieces(self) -> PlainPieces:
+        """What every plain model (whole tasks in sorted order, method poe, every expert at
+        the pool's default width, no reject output) is joined from, for a native
+        assembler to join the same bytes as `assemble` (app/_lane.c): the file is
+
+            headers[weights] + varint(graph length)
+            + fragments[weights]["library"] + the tasks' fragments
+            + field 1 (the tasks' concat inputs + concat_rest) + softmax_field if asked
+            + field 2 ("poe_" + "+".join(tasks)[:200]) + input_field + output_field(output, classes)
+            + metadata: poe.labels, poe.tasks, poe.task_classes (JSON from the pieces below),
+              choice_entries[output, weights], poe.widths where the pool has several widths,
+              version_entry
+
+        (see _query_pieces, _tail and _metadata: this is their plain case, spelled out)."""
+        taxonomy, width = self.pool.taxonomy, float(self.pool.default_width)
+        return PlainPieces(
+            headers={w: h + _GRAPH_TAG for w, h in self._headers.items()},
+            fragments={w: {k: f[k] for k in ("library", *(part_key(t, width) for t in taxonomy.task_names))}
+                       for w, f in self._fragments.items()},
+            concat_inputs=dict(self._concat_inputs), concat_rest=self._concat_rest["logits"],
+            softmax_field=self._softmax_field, input_field=self._input_field,
+            labels={t: ", ".join(self._class_json[c] for c in taxonomy.tasks[t]) for t in taxonomy.task_names},
+            task_json=dict(self._task_json), task_classes=dict(self._task_classes_json),
+            width_items={t: f"{self._task_json[t]}: {json.dumps(width)}" for t in taxonomy.task_names},
+            widths_entry=len(self.pool.widths) > 1, pool_entries=self._pool_entries,
+            choice_entries=dict(self._choice_entries), version_entry=self._version_entry)
+
+    def output_field(self, output: str, classes: int) -> bytes:
+        """The graph's output field for `output` over `classes` classes."""
+        return self._output_field(output, classes)
 
     def sizes(self, q: Query, choices: Sequence[Sequence[float]], weights: str = "fp32") -> list[int]:
         """Bytes of the plain model (logits, no reject output) for `q` at each choice of
@@ -359,6 +390,26 @@ class Assembler:
                                 for output in ("logits", "probabilities") for weights in FORMATS}
         self._version_entry = b"" if self.pool_version is None else _entry("poe.pool_version",
                                                                            str(self.pool_version))
+
+
+@dataclass(frozen=True)
+class PlainPieces:
+    """See Assembler.plain_pieces; JSON pieces as text, the rest serialized."""
+
+    headers: dict[str, bytes]  # per weight format the pool offers: ModelProto without graph + the graph's tag
+    fragments: dict[str, dict[str, bytes]]  # per format: "library" and each task's default-width part key
+    concat_inputs: dict[str, bytes]
+    concat_rest: bytes
+    softmax_field: bytes
+    input_field: bytes
+    labels: dict[str, str]  # per task: its classes' JSON strings, ", "-joined
+    task_json: dict[str, str]
+    task_classes: dict[str, str]  # '"<task>": [<its class names>]'
+    width_items: dict[str, str]  # '"<task>": <default width>'
+    widths_entry: bool
+    pool_entries: bytes
+    choice_entries: dict[tuple[str, str], bytes]  # per (output, weights)
+    version_entry: bytes
 
 
 @dataclass(frozen=True)

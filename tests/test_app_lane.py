@@ -88,7 +88,9 @@ def test_a_sane_request_id_is_kept_and_the_request_counted_and_logged(served, ac
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     key = ("poe_http_request_duration_seconds_count", (("method", "POST"), ("route", "/models"), ("status", "200")))
-    before = samples().get(key, 0)
+    native = ("poe_native_lane_answers_total", ())
+    first = samples()
+    before, native_before = first.get(key, 0), first.get(native, 0)
     for i in range(3):
         r, took = _lane(answered, lambda i=i: http.post("/models", json={"tasks": ["task1", "task2"]},
                                                         headers={"X-Request-ID": f"lane-{i}"}))
@@ -96,7 +98,9 @@ def test_a_sane_request_id_is_kept_and_the_request_counted_and_logged(served, ac
     r, took = _lane(answered, lambda: http.post("/models", json={"tasks": ["task1"]},
                                                 headers={"X-Request-ID": "not sane"}))
     assert took is True and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
-    assert samples().get(key, 0) - before == 4  # the lane's requests, on the route the ordinary way counts them on
+    after = samples()
+    assert after.get(key, 0) - before == 4  # the lane's requests, on the route the ordinary way counts them on
+    assert after.get(native, 0) - native_before == 4  # plain queries all: joined in C (app.serving.native)
     lines = {line["request_id"]: line for line in access_log()}
     for i in range(3):
         line = lines[f"lane-{i}"]

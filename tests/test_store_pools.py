@@ -95,6 +95,8 @@ def test_a_corrupt_expert_file_takes_out_its_task_only_and_reimport_repairs_it(s
     served = fresh.active()
     assert served.tasks == whole.tasks and served.positions == whole.positions
     assert list(served.damaged) == ["task1"]
+    assert whole.native is not None and served.native is None  # no native lane to answer task1's queries
+    assert PoolRegistry(store.db, store.blobs, store.settings.pools_dir, native=False).active().native is None
     with pytest.raises(PoolUnavailable, match=f"pool version {version} cannot serve task1 \\(file {expert}: "
                                               r"blob \w+\.\.\. is corrupt\); importing its bundle again") as e:
         served.require(["task2", "task1"])

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from app.deps import ServicesDep
 from app.errors import InvalidTasks, NotFound
+from app.metrics import NATIVE_ANSWERS, TALLY
 from app.schemas import Error, InputSpec, MaskOut, ModelOut, ModelRequest, PlanOut, PlanPoint, RejectOut
 from app.serving import MEMO_BODY_BYTES
 from app.serving.models import ONNX, ServedModel, model_id, parse_model_id, query_of, resolve
@@ -338,7 +339,8 @@ class FastLane:
 
     `file` is the same lane without ASGI, for app.http's protocol (app.main wires it
     through app.telemetry): it answers from the HTTP parser's callback, or says that the
-    request must go the ordinary way."""
+    request must go the ordinary way. A plain query it answers natively first
+    (app.serving.native), with the same bytes and headers."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -389,8 +391,18 @@ class FastLane:
         asked for, an answer that would wait, an error to be answered by its handler)."""
         if not _wants_file(headers):
             return None
+        serving = app.state.services.serving
+        served = serving.pools.active_if_fresh()
+        table = None if served is None else served.native
+        if table is not None:  # a plain query: its file joined in C (app.serving.native)
+            answer = table.answer(body)
+            if answer is not None:
+                tasks, head, chunks = answer
+                serving.counts.count(served.version, tasks)
+                TALLY.inc(NATIVE_ANSWERS)
+                return 200, head, chunks
         try:
-            model = posted_file(app.state.services.serving, body)
+            model = posted_file(serving, body)
         except Exception:
             return None
         return None if model is None else (200, model.head, model.chunks)

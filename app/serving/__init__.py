@@ -21,7 +21,8 @@ MEMO_BODY_BYTES = 1024
 class Serving:
     def __init__(self, settings: Settings, db: Database, blobs: BlobStore) -> None:
         self.db = db
-        self.pools = PoolRegistry(db, blobs, settings.pools_dir, ttl=settings.active_pool_ttl)
+        self.pools = PoolRegistry(db, blobs, settings.pools_dir, ttl=settings.active_pool_ttl,
+                                  native=settings.native_lane)
         self.models = ModelCache(settings.model_cache_bytes)
         self.ort = OrtFiles()
         self.counts = RequestCounts()

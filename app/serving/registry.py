@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from sqlalchemy.exc import DBAPIError
 
+from app.serving.native import table
 from app.store.blobs import BlobError, BlobStore
 from app.store.db import Database
 from app.store.pools import MANIFEST, PoolNotFound, active_version
@@ -54,6 +55,7 @@ class ServedPool:
     assembler: Assembler
     tasks: tuple[str, ...]  # every primitive task of the version, in its order (damaged ones too)
     damaged: Mapping[str, str] = field(default_factory=dict)  # task -> what is wrong
+    native: object | None = None  # the native lane's table (app.serving.native.table), if any
     loaded_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -126,12 +128,13 @@ class PoolRegistry:
     """
 
     def __init__(self, db: Database, blobs: BlobStore, pools_dir: Path, ttl: float = 1.0,
-                 keep: int = 4) -> None:
+                 keep: int = 4, native: bool = True) -> None:
         self.db = db
         self.blobs = blobs
         self.pools_dir = Path(pools_dir)
         self.ttl = ttl
         self.keep = keep
+        self.native = native  # give each version its native lane's table where it can have one
         self._loaded: dict[int, ServedPool] = {}
         self._failed: dict[int, tuple[float, PoolUnavailable]] = {}
         self._lock = threading.Lock()
@@ -234,7 +237,8 @@ class PoolRegistry:
         for task, why in damaged.items():
             log.error("pool version %d: primitive task %s cannot be served: %s", version, task, why)
         tasks = tuple(parse_manifest(found.manifest).experts)
-        return ServedPool(version, found.created_at, pool, assembler, tasks, damaged)
+        served = ServedPool(version, found.created_at, pool, assembler, tasks, damaged)
+        return replace(served, native=table(served)) if self.native else served
 
     def _lay_out(self, directory: Path, files: dict[str, str], raw: dict) -> tuple[Path, dict[str, str]]:
         """Make `directory` a bundle of the version's verified files and return it. If
