@@ -12,7 +12,7 @@ composite task, then measures on loopback:
   nginx       GET of the file, --connections keep-alive connections (wrk);
   cached      POST /models of that composite task, answered from memory (wrk);
   uncached    POST /models where every request is a composite task never asked before
-              (2 to 4 primitive tasks x softmax x fp32/fp16/int8), so every one is
+              (2 to 5 primitive tasks x softmax x fp32/fp16/int8), so every one is
               assembled (wrk, same connections);
   sequential  uncached requests one at a time on one connection: p50 / p99 end to end.
 
@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 from assembly import SHIPPED, percentile, untrained_cifar_pool
+
+from poe_core.device import cpu_model
 
 HERE = Path(__file__).resolve().parent
 OPTIONS = [{"softmax": s, "weights": w} for s in (False, True) for w in ("fp32", "fp16", "int8")]
@@ -86,7 +88,7 @@ end
 """
 
 
-def bodies(tasks: list[str], sizes=(2, 3, 4)) -> list[str]:
+def bodies(tasks: list[str], sizes=(2, 3, 4, 5)) -> list[str]:
     """Distinct POST /models bodies: every composite task of `sizes` primitive tasks in
     every option, in an order that mixes sizes and options."""
     combos = [c for k in sizes if k <= len(tasks) for c in itertools.combinations(tasks, k)]
@@ -217,10 +219,12 @@ def stop(process: subprocess.Popen) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=Path, help="Pool bundle to serve.")
-    # 4 s: a fast machine answers ~9,000 new models a second, and there are ~36,500 distinct bodies.
+    # 4 s: a fast machine answers ~20,000 new models a second, and there are ~130,000 distinct bodies.
     parser.add_argument("--seconds", type=float, default=4, help="Length of each wrk run.")
     parser.add_argument("--connections", type=int, default=32, help="Keep-alive connections of the wrk runs.")
     parser.add_argument("--sequential", type=int, default=500, help="Uncached requests one at a time.")
+    parser.add_argument("--no-native", action="store_true",
+                        help="Turn the native lane off (POE_NATIVE_LANE=false): every query the Python way.")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="API processes of poe and worker processes of nginx (default: the cores).")
     args = parser.parse_args()
@@ -247,7 +251,8 @@ def main() -> None:
         port, nginx_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("POE_")} | {
             "POE_DATA_DIR": str(tmp / "var"), "POE_DEFAULT_POOL": str(pool), "POE_PORT": str(port),
-            "POE_LOG_LEVEL": "warning", "POE_ADMIN_TOKEN": "bench"}
+            "POE_LOG_LEVEL": "warning", "POE_ADMIN_TOKEN": "bench",
+            "POE_NATIVE_LANE": "false" if args.no_native else "true"}
         poe = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--workers",
                                 str(args.workers)], env=env, stdout=subprocess.DEVNULL)
         nginx = None
@@ -288,7 +293,8 @@ def main() -> None:
     p50 = statistics.median(times)
     print(f"pool {manifest['pool_id']} ({len(tasks)} primitive tasks), model {len(model):,} bytes, "
           f"{args.workers} poe API processes and {args.workers} nginx workers, wrk -t{threads} "
-          f"-c{args.connections} -d{args.seconds:g}s, loopback")
+          f"-c{args.connections} -d{args.seconds:g}s, loopback, native lane {'off' if args.no_native else 'on'}; "
+          f"{cpu_model()}, {os.cpu_count()} CPUs")
     for name, r in results.items():
         print(f"{name:9s} {r['rps']:8.0f} requests/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:7.2f} ms  "
               f"{r['errors']} errors  CPU per request: server {r['user_us'] + r['system_us']:4.0f} us "

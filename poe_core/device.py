@@ -62,11 +62,20 @@ def autocast(device: torch.device, precision: str):
 
 @functools.cache
 def cpu_model() -> str:
-    """The CPU's model name (as `lscpu` prints it), for logs and benchmark reports."""
+    """The CPU's model name (as `lscpu` prints it), for logs and benchmark reports, with
+    its family and model numbers where the name alone says little ("AMD EPYC" is a Zen 2
+    with AVX2 only or a Zen 4 with AVX512-BF16)."""
     with contextlib.suppress(OSError):
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's fields only
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = (f" (family {fields['cpu family']} model {fields['model']})"
+                       if "cpu family" in fields and "model" in fields else "")
+            return fields["model name"] + numbers
     return platform.processor() or platform.machine()
 
 
