@@ -11,8 +11,11 @@ each expert's epoch on that half by a rule and scores the choice on the other ha
 mean task-specific accuracy (single) and PoE accuracy over every composite of the tasks
 at n(Q) = 2..5. A rule that picks noise scores worse out of sample than it did where it
 chose. Rules: `best` (the epoch with the best accuracy on the choosing half: poe's rule,
-on half the images), `last`, `best of last 5`. Also prints every epoch's accuracy on all
-of validation. Selection only: nothing here reads the test split.
+on half the images), `last`, `best of last 5`. Then the best epochs chosen and scored on
+all of validation ("in sample": what benchmarks/judge.py sees of a pool that kept its
+experts' best epochs, so how much it flatters one) beside the last epoch on all of it, and
+every epoch's accuracy on all of validation. Selection only: nothing here reads the test
+split.
 """
 
 from __future__ import annotations
@@ -109,6 +112,14 @@ def main() -> None:
         values = [100 * float(np.mean(v)) for v in scores[rule].values() if v]
         print(f"{rule:15s} {values[0]:6.2f}  " + " / ".join(f"{v:.2f}" for v in values[1:]))
     everything = torch.ones(len(labels), dtype=torch.bool)
+    # What benchmarks/judge.py sees of a pool that kept each expert's best epoch: chosen and
+    # scored on the same (all of) validation, against the last epoch scored there.
+    full = {t: [accuracy([t], {t: e}, everything) for e in range(args.epochs)] for t in tasks}
+    for rule, epochs in (("best, in sample", {t: int(np.argmax(acc)) for t, acc in full.items()}),
+                         ("last, all", {t: args.epochs - 1 for t in tasks})):
+        values = [100 * float(np.mean([accuracy(c, epochs, everything) for c in itertools.combinations(tasks, n)]))
+                  for n in range(1, min(5, len(tasks)) + 1)]
+        print(f"{rule:15s} {values[0]:6.2f}  " + " / ".join(f"{v:.2f}" for v in values[1:]))
     print("epoch | " + " | ".join(tasks) + " | mean")
     for e in range(args.epochs):
         accs = [100 * accuracy([t], {t: e}, everything) for t in tasks]

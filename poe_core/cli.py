@@ -190,7 +190,8 @@ def extract(
                     except OracleError as e:
                         fail(str(e))
                     if info.get("val_acc") and main:
-                        console.print(f"{p}: {_fmt(info['val_acc'])} ({info['seconds']:.0f} s)")
+                        select = info.get("config", {}).get("select", "best")
+                        console.print(f"{p}: {_fmt(info['val_acc'], select)} ({info['seconds']:.0f} s)")
         if keep_pool_widths and main and phase_done(work, "experts"):
             from poe_core.extract import keep_pool_widths as keep
 
@@ -237,11 +238,12 @@ def _widths(text: str | None) -> list[float] | None:
     return widths
 
 
-def _fmt(val_acc: dict) -> str:
+def _fmt(val_acc: dict, select: str = "best") -> str:
     values = list(val_acc.values())
     if all(v < 0 for v in values):  # the phase's sentinel: it trained on the validation images too
         return "no validation accuracy (trained on the validation images too)"
-    return (f"best validation accuracy {sum(values) / len(values):.2%}"
+    kept = "best validation accuracy" if select == "best" else "validation accuracy of the last epoch"
+    return (f"{kept} {sum(values) / len(values):.2%}"
             + (" (mean over experts)" if len(values) > 1 else ""))
 
 
