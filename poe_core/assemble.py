@@ -210,7 +210,7 @@ class Assembler:
         taxonomy, width = self.pool.taxonomy, float(self.pool.default_width)
         return PlainPieces(
             headers={w: h + _GRAPH_TAG for w, h in self._headers.items()},
-            fragments={w: {k: f[k] for k in ("library", *(part_key(t, width) for t in taxonomy.task_names))}
+            fragments={w: {"library": f["library"], **{t: f[part_key(t, width)] for t in taxonomy.task_names}}
                        for w, f in self._fragments.items()},
             concat_inputs=dict(self._concat_inputs), concat_rest=self._concat_rest["logits"],
             softmax_field=self._softmax_field, input_field=self._input_field,
@@ -397,7 +397,7 @@ class PlainPieces:
     """See Assembler.plain_pieces; JSON pieces as text, the rest serialized."""
 
     headers: dict[str, bytes]  # per weight format the pool offers: ModelProto without graph + the graph's tag
-    fragments: dict[str, dict[str, bytes]]  # per format: "library" and each task's default-width part key
+    fragments: dict[str, dict[str, bytes]]  # per format: "library" and each task's expert at the default width
     concat_inputs: dict[str, bytes]
     concat_rest: bytes
     softmax_field: bytes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 
 from poe_core.formats import FORMATS
+from poe_core.taxonomy import TaskError
 
 try:
     from app import _lane
@@ -46,11 +47,13 @@ def table(served):
     pool, assembler = served.pool, served.assembler
     taxonomy = pool.taxonomy
     names = taxonomy.task_names
-    if float(pool.default_width) not in pool.widths or len({c for t in names for c in taxonomy.tasks[t]}) != sum(
-            len(taxonomy.tasks[t]) for t in names):
+    if float(pool.default_width) not in pool.widths:
+        return None
+    try:
+        taxonomy.check_disjoint(names)
+    except TaskError:  # a query of two tasks that share a class must be refused, by the Python path
         return None
     pieces = assembler.plain_pieces()
-    width_key = {t: f"{t}@{float(pool.default_width):g}" for t in names}
     by_format = [pieces.fragments.get(w) for w in FORMATS]
     tasks = []
     for t in sorted(names, key=lambda t: t.encode()):
@@ -58,7 +61,7 @@ def table(served):
                       len(taxonomy.tasks[t]), pieces.task_json[t].encode(), pieces.task_classes[t].encode(),
                       pieces.width_items[t].encode(), UNSAFE_IN_NAME.sub("_", t).encode(),
                       UNSAFE_IN_NAME.sub("_", "+".join(taxonomy.class_names(t))).encode(),
-                      tuple(None if f is None else f[width_key[t]] for f in by_format)))
+                      tuple(None if f is None else f[t] for f in by_format)))
     classes = len(taxonomy.classes)
     return _lane.Table(
         tasks=tasks,
