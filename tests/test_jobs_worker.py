@@ -26,7 +26,9 @@ def test_extraction_end_to_end(fresh, tmp_path):
         assert state["status"] == "succeeded", state["error"]
         running = [progress for status, progress, _ in seen if status == "running"]
         assert len(set(running)) >= 3 and running == sorted(running) and 0 < running[-1] < 100
-        assert {"oracle", "library", "experts"} <= {phase for _, _, phase in seen}
+        assert {phase for _, _, phase in seen} - {None}  # the job said which phase it was in
+        # Every phase reported its epochs (polling alone can miss a phase of a fraction of a second).
+        assert all(any(f"{p} epoch" in line for line in state["log"]) for p in ("oracle", "library", "experts"))
         assert state["progress"] == 100 and state["attempts"] == 1
         assert any("oracle epoch 3/3" in line for line in state["log"])
         new = state["pool_version"]
