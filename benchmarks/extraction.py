@@ -1,6 +1,6 @@
 """Extraction speed on CIFAR-100: the logit bank vs. the live oracle, joint vs. one-at-a-time experts.
 
-    python benchmarks/extraction.py bank  [--work var/cifar-work] [--train-images 5120] [--views 8]
+    python benchmarks/extraction.py bank  [--work var/cifar-work] [--train-images 5120] [--views 8] [--precision fp32]
     python benchmarks/extraction.py joint  --work var/cifar-work  [--train-images 5120] [--epochs 1]
 
 `bank`: one epoch of the library phase (KD of a WRN-16-(1,1) student) and one of the
@@ -52,12 +52,16 @@ def main() -> None:
                         help="validate on this many validation images")
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--views", type=int, default=8, help="bank: augmented views per image")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="of every timed epoch, the bank and the features (auto: as poe extract picks it)")
     args = parser.parse_args()
 
     device = pick_device()
     print(machine_line(device), flush=True)
+    args.precision = resolve_precision(args.precision, device.type)
+    print(f"timed in {args.precision}", flush=True)
     splits = _subset(load_cifar100_npy(args.data), args.train_images, args.val_images)
-    cfg = TrainConfig(epochs=args.epochs, lr=0.05)
+    cfg = TrainConfig(epochs=args.epochs, lr=0.05, precision=args.precision)
     if args.mode == "bank":
         bank_vs_live(args, splits, cfg, device)
     else:
@@ -108,14 +112,12 @@ def bank_vs_live(args, splits: Splits, cfg: TrainConfig, device: torch.device) -
 
     work = Path(args.work or "var/bench-bank")
     t0 = time.perf_counter()
-    bank = build_bank(oracle, splits.train, ViewRecipe(args.views), work, device=device,
-                      precision=resolve_precision("auto", device.type))
+    bank = build_bank(oracle, splits.train, ViewRecipe(args.views), work, device=device, precision=args.precision)
     fill = time.perf_counter() - t0
     _, bank_library = train_library(bank, splits, LIBRARY, cfg)
     _, bank_experts = train_experts(library, bank, splits, tasks, EXPERT, cfg)
     t0 = time.perf_counter()
-    precision = resolve_precision("auto", device.type)
-    featured = build_features(library.to(device), bank, splits.train, work, device=device, precision=precision,
+    featured = build_features(library.to(device), bank, splits.train, work, device=device, precision=args.precision,
                               normalize=Normalize(splits.mean, splits.std, device))
     features = time.perf_counter() - t0
     _, feature_experts = train_experts(library, featured, splits, tasks, EXPERT, cfg)
